@@ -1,0 +1,184 @@
+"""Image builds on a node: each step runs in a runc container over its parent layers,
+and the overlay upper dir it leaves becomes the step's layer (kept locally, archived
+to the blob store so other nodes and later runs can pull it instead of rebuilding).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sdk.exception import ImageBuildError, InvalidError, NotFoundError
+
+from . import archive, bundle
+from .blobs import BlobSource
+from .container import Container, ContainerConfig, NodeContext
+from .ids import new_id
+from .layers import BASE_KEY, LayerStore
+
+Emit = Callable[[dict], None]
+FS_KINDS = ("base", "run", "files")
+PIP_CONFIG_FILES = ("/etc/pip.conf", "/etc/xdg/pip/pip.conf")
+
+
+@dataclass(frozen=True)
+class Step:
+    key: str
+    kind: str
+    desc: str = ""
+    commands: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str = "/"
+    blob: str = ""
+    force: bool = False
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Step":
+        if d.get("kind") not in FS_KINDS + ("meta",):
+            raise InvalidError(f"unknown image step kind {d.get('kind')!r}")
+        return cls(key=str(d["key"]), kind=d["kind"], desc=str(d.get("desc", "")),
+                   commands=tuple(d.get("commands") or ()),
+                   env=tuple(sorted((d.get("env") or {}).items())),
+                   workdir=d.get("workdir") or "/", blob=d.get("blob") or "",
+                   force=bool(d.get("force")))
+
+
+def layer_keys(image: dict) -> list[str]:
+    return [s["key"] for s in image.get("steps", []) if s.get("kind") in FS_KINDS]
+
+
+def host_pip_setup() -> tuple[tuple[bundle.BindMount, ...], tuple[tuple[str, str], ...]]:
+    """Make build steps honour the node's pip configuration (local wheel dirs, indexes)."""
+    paths: set[str] = set()
+    env = {k: v for k, v in os.environ.items() if k.startswith("PIP_")}
+    texts = list(env.values())
+    for f in PIP_CONFIG_FILES:
+        if os.path.exists(f):
+            paths.add(f)
+            texts.append(open(f).read())
+    for text in texts:
+        for tok in text.replace("=", " ").split():
+            p = tok[len("file://"):] if tok.startswith("file://") else tok
+            if p.startswith("/") and os.path.exists(p):
+                top = "/" + p.strip("/").split("/")[0]
+                # bind the whole /opt/x tree a config points into, never a system dir
+                paths.add(p if top in ("/etc", "/usr", "/var", "/root") else
+                          "/".join(p.rstrip("/").split("/")[:3]))
+    binds = tuple(bundle.BindMount(p, p) for p in sorted(paths) if os.path.exists(p))
+    return binds, tuple(sorted(env.items()))
+
+
+class Builder:
+    def __init__(self, ctx: NodeContext, layers: LayerStore, blobs: BlobSource, work: Path):
+        self.ctx, self.layers, self.blobs, self.work = ctx, layers, blobs, work
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.pip_binds, self.pip_env = host_pip_setup()
+
+    async def ensure(self, image: dict, emit: Emit, *, build: bool = True) -> list[dict]:
+        """Make every layer of `image` local: cached, pulled, or built. Returns a step report."""
+        steps = [Step.from_wire(s) for s in image.get("steps", [])]
+        if not steps or steps[0].kind != "base" or steps[0].key != BASE_KEY:
+            raise InvalidError("an image must start from the debian_slim() base")
+        archives = dict(image.get("archives") or {})
+        report, below, forcing = [], [], False
+        for i, step in enumerate(steps):
+            if step.kind == "meta":
+                report.append({"index": i, "desc": step.desc, "status": "meta", "key": step.key})
+                continue
+            forcing = forcing or step.force
+            async with self._locks.setdefault(step.key, asyncio.Lock()):
+                status = await self._ensure_step(i, step, below, emit, build, forcing,
+                                                 archives.get(step.key, ""))
+            self.layers.hit(step.key)
+            below.append(self.layers.fs(step.key))
+            report.append({"index": i, "desc": step.desc, "status": status, "key": step.key})
+        return report
+
+    async def _ensure_step(self, i: int, step: Step, below: list[Path], emit: Emit,
+                           build: bool, forcing: bool, known_archive: str) -> str:
+        def say(status: str) -> None:
+            emit({"type": "step", "index": i, "desc": step.desc, "status": status,
+                  "key": step.key[:16]})
+
+        if step.kind == "base":
+            if not self.layers.has(BASE_KEY):
+                raise NotFoundError(f"base rootfs missing at {self.layers.base_rootfs}: "
+                                    "run scripts/setup.sh")
+            say("cached")
+            return "cached"
+        if self.layers.has(step.key) and not forcing:
+            say("cached")
+            return "cached"
+        digest = step.blob if step.kind == "files" else (
+            known_archive or self._archive_digest(step.key))
+        if digest and not forcing:
+            try:
+                path = await self.blobs.fetch(digest)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.layers.adopt_archive, step.key, path)
+                say("pulled")
+                return "pulled"
+            except NotFoundError:
+                if step.kind == "files":
+                    raise
+        if step.kind == "files":
+            raise NotFoundError(f"files for step {step.desc!r} were not uploaded")
+        if not build:
+            raise NotFoundError(f"image layer {step.key[:16]} ({step.desc}) is not built")
+        say("building")
+        t0 = time.perf_counter()
+        await self._build_run_step(step, below, emit)
+        say("built")
+        emit({"type": "log", "text": f"    done in {time.perf_counter() - t0:.1f}s\n"})
+        return "built"
+
+    def _archive_digest(self, key: str) -> str:
+        """The archive this node built for `key` earlier (the dispatcher also records it)."""
+        ref = self.work / "refs" / key
+        if ref.exists():
+            return ref.read_text().strip()
+        return ""
+
+    async def _build_run_step(self, step: Step, below: list[Path], emit: Emit) -> None:
+        script = "set -e\n" + "\n".join(step.commands)
+        cfg = ContainerConfig(
+            layers=tuple(below), env=tuple(step.env) + self.pip_env, workdir=step.workdir,
+            cpu=2.0, memory_mb=8192, network=True, args=("/bin/sh", "-c", script),
+            binds=self.pip_binds, keep_upper=True)
+        c = Container(new_id("bld", 6), self.ctx, cfg)
+        tail: deque[str] = deque(maxlen=30)
+
+        def sink(stream: str, text: str) -> None:
+            for line in text.splitlines():
+                tail.append(line)
+            emit({"type": "log", "text": text})
+
+        try:
+            await c.start_raw(sink)
+            code = await c.wait_exit()
+        except BaseException:
+            await c.destroy()
+            shutil.rmtree(c.dir, ignore_errors=True)
+            raise
+        await c.destroy()
+        if code != 0:
+            shutil.rmtree(c.dir, ignore_errors=True)
+            raise ImageBuildError(f"image step {step.desc!r} failed with exit code {code}",
+                                  step=step.desc, exit_code=code, log_tail="\n".join(tail))
+        upper = c.dir / "upper"
+        loop = asyncio.get_running_loop()
+        tmp_archive = self.work / f"{step.key[:16]}.tar.zst.tmp"
+        packed = await loop.run_in_executor(None, archive.pack_layer, upper, tmp_archive)
+        await self.blobs.put_file(tmp_archive, packed.digest)
+        os.unlink(tmp_archive)
+        (self.work / "refs").mkdir(parents=True, exist_ok=True)
+        (self.work / "refs" / step.key).write_text(packed.digest)
+        self.layers.adopt_dir(step.key, upper, "built")
+        shutil.rmtree(c.dir, ignore_errors=True)
+        emit({"type": "layer", "key": step.key, "digest": packed.digest, "size": packed.size,
+              "raw_size": packed.raw_size})

@@ -1,0 +1,247 @@
+"""`runtimectl`: run the runtime and look inside it.
+
+    up [--detach] | down | status | nodes | ps | images | calls | logs CALL_ID
+    run SCRIPT.py[::FUNC] | node (a node daemon alone)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sdk.client import Client
+from sdk.exception import Error
+
+from .config import DEFAULT_PORT, Paths
+
+
+def _client() -> Client:
+    return Client()
+
+
+def _pidfile() -> Path:
+    return Paths.from_env().state / "up.pid"
+
+
+def _wait_ready(timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            nodes = _client().json("GET", "/v1/nodes", retries=0)["nodes"]
+            if any(n["alive"] for n in nodes):
+                return True
+        except Error:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def cmd_up(a) -> int:
+    if os.geteuid() != 0:
+        print("runtimectl up must run as root (the node daemon drives runc)", file=sys.stderr)
+        return 1
+    if a.detach:
+        pf = _pidfile()
+        if pf.exists():
+            try:
+                os.kill(int(pf.read_text()), 0)
+                print(f"already running (pid {pf.read_text().strip()})")
+                return 0
+            except (OSError, ValueError):
+                pf.unlink()
+        pf.parent.mkdir(parents=True, exist_ok=True)
+        logf = open(pf.parent / "up.log", "ab")
+        p = subprocess.Popen([sys.executable, "-m", "runtimed.cli", "up", "--port", str(a.port)]
+                             + (["--no-node"] if a.no_node else []),
+                             stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+        pf.write_text(str(p.pid))
+        if a.no_node or _wait_ready():
+            print(f"runtimed is up (pid {p.pid}); logs: {pf.parent / 'up.log'}")
+            return 0
+        print(f"runtimed did not become ready; see {pf.parent / 'up.log'}", file=sys.stderr)
+        return 1
+    from .embedded import main
+    main("127.0.0.1", a.port, a.port + 1, not a.no_node)
+    return 0
+
+
+def cmd_down(a) -> int:
+    pf = _pidfile()
+    if not pf.exists():
+        print("not running")
+        return 0
+    pid = int(pf.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(300):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pf.unlink(missing_ok=True)
+    print("stopped")
+    return 0
+
+
+def _table(rows: list[dict], cols: list[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
+
+
+def cmd_status(a) -> int:
+    st = _client().json("GET", "/v1/status")
+    print(json.dumps(st, indent=2) if a.json else
+          f"dispatcher up since {time.ctime(st['started_at'])}; pending calls: "
+          f"{st['pending_calls']}; blobs: {st['blob_bytes'] / 2**20:.1f} MiB")
+    if not a.json:
+        _table(st["nodes"], ["node_id", "url", "alive", "inflight", "seen_s_ago", "reserved_mb"])
+    return 0
+
+
+def cmd_nodes(a) -> int:
+    _table(_client().json("GET", "/v1/nodes")["nodes"],
+           ["node_id", "url", "alive", "inflight", "cpu", "memory_mb", "reserved_mb"])
+    return 0
+
+
+def cmd_ps(a) -> int:
+    rows = _client().json("GET", "/v1/containers")["containers"]
+    for r in rows:
+        r["rss_mb"] = f"{(r.get('rss_bytes') or 0) / 2**20:.0f}"
+        r["age_s"] = f"{time.time() - r['created_at']:.0f}"
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _table(rows, ["id", "node_id", "function", "state", "tier", "calls", "rss_mb", "age_s"])
+    return 0
+
+
+def cmd_images(a) -> int:
+    data = _client().json("GET", "/v1/images")
+    print("images:")
+    for im in data["images"]:
+        counts: dict[str, int] = {}
+        for s in im["report"]:
+            counts[s["status"]] = counts.get(s["status"], 0) + 1
+        print(f"  {im['id']}  built {time.ctime(im['built'])}  steps: {counts}")
+    print("layers (archives in the blob store):")
+    _table([{"key": r["key"][:16], "digest": r["digest"][:16],
+             "size_mb": f"{r['size'] / 2**20:.1f}", "raw_mb": f"{r['raw_size'] / 2**20:.1f}"}
+            for r in data["layers"]], ["key", "digest", "size_mb", "raw_mb"])
+    try:
+        nodes = _client().json("GET", "/v1/containers")
+        del nodes
+    except Error:
+        pass
+    return 0
+
+
+def cmd_calls(a) -> int:
+    rows = _client().json("GET", f"/v1/calls?limit={a.limit}")["calls"]
+    for r in rows:
+        r["ms"] = f"{((r['finished'] or time.time()) - r['created']) * 1000:.0f}"
+    _table(rows, ["id", "function_id", "status", "tier", "attempts", "node_id", "ms"])
+    return 0
+
+
+def cmd_logs(a) -> int:
+    data = _client().json("GET", f"/v1/calls/{a.call_id}/logs")
+    for e in data["logs"]:
+        (sys.stderr if e["stream"] == "stderr" else sys.stdout).write(e["text"])
+    return 0
+
+
+def load_script(path: str):
+    p = Path(path).resolve()
+    if not p.is_file():
+        raise SystemExit(f"no such script: {path}")
+    name = p.stem
+    sys.path.insert(0, str(p.parent))
+    spec = importlib.util.spec_from_file_location(name, p)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cmd_run(a) -> int:
+    from sdk import App
+    from sdk.functions import Function
+    script, _, func = a.target.partition("::")
+    mod = load_script(script)
+    apps = [v for v in vars(mod).values() if isinstance(v, App)]
+    if len(apps) != 1:
+        print(f"{script} must define exactly one App (found {len(apps)})", file=sys.stderr)
+        return 2
+    app = apps[0]
+    if not func:
+        if len(app._entrypoints) != 1:
+            print("name the entrypoint: SCRIPT::FUNC", file=sys.stderr)
+            return 2
+        func = next(iter(app._entrypoints))
+    target = app._entrypoints.get(func) or getattr(mod, func, None)
+    if target is None:
+        print(f"{func!r} is not defined in {script}", file=sys.stderr)
+        return 2
+    with app.run():
+        if isinstance(target, Function):
+            print(target.remote(*a.args))
+        else:
+            target(*a.args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="runtimectl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("up", help="run the dispatcher and one node (embedded default)")
+    s.add_argument("--detach", "-d", action="store_true")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.add_argument("--no-node", action="store_true", help="dispatcher only")
+    s.set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop a detached `up`").set_defaults(fn=cmd_down)
+    s = sub.add_parser("status")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+    sub.add_parser("nodes").set_defaults(fn=cmd_nodes)
+    s = sub.add_parser("ps", help="containers with state and tier")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_ps)
+    sub.add_parser("images", help="images and layers").set_defaults(fn=cmd_images)
+    s = sub.add_parser("calls", help="recent calls")
+    s.add_argument("--limit", type=int, default=20)
+    s.set_defaults(fn=cmd_calls)
+    s = sub.add_parser("logs", help="a call's output")
+    s.add_argument("call_id")
+    s.set_defaults(fn=cmd_logs)
+    s = sub.add_parser("run", help="run SCRIPT.py[::FUNC] against the runtime")
+    s.add_argument("target")
+    s.add_argument("args", nargs="*")
+    s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("node", help="run a node daemon (joins --dispatcher)")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=lambda a: __import__("runtimed.node_api").node_api.main(a.rest) or 0)
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""One function container: rootfs + netns + runc + the agent conversation.
+
+State machine (invalid transitions raise):
+
+    creating ──► starting ──► idle ◄──► busy
+        │            │          │         │
+        └────────────┴──────────┴─────────┴──► dead
+
+The agent's channel is stdin/stdout pipes; a reader task turns frames into
+replies (one outstanding request at a time) and log lines for the current call.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import os
+import signal as _signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from sdk.exception import ContainerCrashError, ExecutionError, FunctionTimeoutError, OOMError
+
+from . import bundle, cgroups, protocol, rootfs
+from .netns import NetnsHandle, NetworkManager
+from .runc import Runc
+
+log = logging.getLogger(__name__)
+
+LogSink = Callable[[str, str], None]          # (stream, text)
+AGENT_ARGS = ("python3", "-u", "-X", "frozen_modules=on", "/.runtimed/agent.py")
+
+
+class State(enum.Enum):
+    CREATING = "creating"
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+_ALLOWED = {
+    State.CREATING: {State.STARTING, State.DEAD},
+    State.STARTING: {State.IDLE, State.DEAD},
+    State.IDLE: {State.BUSY, State.DEAD},
+    State.BUSY: {State.IDLE, State.DEAD},
+    State.DEAD: set(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    """What the node decided for one container (pure data)."""
+
+    layers: tuple[Path, ...]          # bottom-up, base rootfs first
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str = "/"
+    cpu: float = 0.125
+    cpu_limit: float = 0.0
+    memory_mb: int = 128
+    network: bool = True
+    args: tuple[str, ...] = AGENT_ARGS
+    binds: tuple[bundle.BindMount, ...] = ()
+    keep_upper: bool = False          # image builds keep the upper dir as the new layer
+
+
+@dataclass
+class NodeContext:
+    """Shared node resources a container needs."""
+
+    runc: Runc
+    network: NetworkManager
+    containers_dir: Path
+    agent_dir: Path                   # bind-mounted read-only at /.runtimed
+    resolv_conf: str = "/etc/resolv.conf"
+
+
+@dataclass
+class Spans:
+    """Named phase timings in ms, in order; they feed call metadata and the benchmark."""
+
+    items: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.items[name] = round((now - t0) * 1000, 3)
+        return now
+
+
+class Container:
+    def __init__(self, cid: str, ctx: NodeContext, cfg: ContainerConfig, *, function_key: str = ""):
+        self.id, self.ctx, self.cfg, self.function_key = cid, ctx, cfg, function_key
+        self.dir = ctx.containers_dir / cid
+        self.state = State.CREATING
+        self.spans = Spans()
+        self.created_at = time.time()
+        self.last_used = time.monotonic()
+        self.calls_served = 0
+        self.tier = "cold"
+        self.pid: int | None = None
+        self.netns: NetnsHandle | None = None
+        self._stdin: asyncio.StreamWriter | None = None
+        self._replies: asyncio.Queue[protocol.Frame | None] = asyncio.Queue()
+        self._sink: LogSink | None = None
+        self._tail: deque[str] = deque(maxlen=50)
+        self._tasks: list[asyncio.Task] = []
+        self._death: ExecutionError | None = None
+        self._mounted = False
+        self._raw = False
+        self._destroyed = False
+        self.on_destroy: list[Callable[[], Awaitable[None]]] = []   # e.g. release memory
+
+    # -- state ---------------------------------------------------------------------------
+    def _to(self, new: State) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise InvalidTransition(f"container {self.id}: {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def cgroup_path(self) -> str:
+        return f"/runtimed/{self.id}"
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in (State.DEAD,)
+
+    # -- start ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create netns and rootfs, write the bundle, start runc with pipes as stdio."""
+        t = time.perf_counter()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        try:
+            self.netns = await loop.run_in_executor(
+                None, lambda: self.ctx.network.create(self.id, network=self.cfg.network))
+            t = self.spans.add("netns", t)
+            plan = rootfs.plan_overlay(list(self.cfg.layers), self.dir)
+            rootfs.mount_overlay(plan)
+            self._mounted = True
+            spec = self._spec(plan.merged)
+            (self.dir / "config.json").write_text(json.dumps(bundle.build_config(spec)))
+            t = self.spans.add("rootfs", t)
+            await self._spawn()
+            self.spans.add("runc_run", t)
+            self._to(State.STARTING)
+        except BaseException:
+            await self.destroy()
+            raise
+
+    def _spec(self, merged: str) -> bundle.ContainerSpec:
+        binds = [bundle.BindMount(str(self.ctx.agent_dir), "/.runtimed")]
+        if self.cfg.network and os.path.exists(self.ctx.resolv_conf):
+            binds.append(bundle.BindMount(os.path.realpath(self.ctx.resolv_conf),
+                                          "/etc/resolv.conf"))
+        binds.extend(self.cfg.binds)
+        env = dict(PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                   HOME="/root", LANG="C.UTF-8", PYTHONDONTWRITEBYTECODE="1")
+        env.update(dict(self.cfg.env))
+        return bundle.ContainerSpec(
+            container_id=self.id, rootfs=merged, args=self.cfg.args, env=tuple(env.items()),
+            cwd=self.cfg.workdir or "/", hostname=self.id[:63], cpu=self.cfg.cpu, cpu_limit=self.cfg.cpu_limit,
+            memory_mb=self.cfg.memory_mb, netns_path=self.netns.path if self.netns else None,
+            binds=tuple(binds))
+
+    async def _spawn(self) -> None:
+        loop = asyncio.get_running_loop()
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            await self.ctx.runc.run_detached(self.id, self.dir, in_r, out_w, err_w)
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        try:
+            self.pid = int((self.dir / "pid").read_text())
+        except (OSError, ValueError):
+            self.pid = None
+        w_transport, w_proto = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(in_w, "wb", buffering=0))
+        self._stdin = asyncio.StreamWriter(w_transport, w_proto, None, loop)
+        out_reader = asyncio.StreamReader(limit=2**20, loop=loop)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(out_reader),
+                                     os.fdopen(out_r, "rb", buffering=0))
+        err_reader = asyncio.StreamReader(limit=2**20, loop=loop)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(err_reader),
+                                     os.fdopen(err_r, "rb", buffering=0))
+        if self._raw:
+            self._tasks = [asyncio.create_task(self._read_stderr(out_reader, "stdout")),
+                           asyncio.create_task(self._read_stderr(err_reader))]
+            self._stdin.close()     # build steps get EOF on stdin, like `docker build`
+            self._stdin = None
+        else:
+            self._tasks = [asyncio.create_task(self._read_frames(out_reader)),
+                           asyncio.create_task(self._read_stderr(err_reader))]
+
+    # -- channel -------------------------------------------------------------------------
+    async def _read_frames(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                frame = await protocol.read_frame(reader)
+                if frame is None:
+                    break
+                if frame.op == "log":
+                    self._emit(frame.get("stream", "stdout"), frame.payload.decode("utf-8", "replace"))
+                else:
+                    self._replies.put_nowait(frame)
+        except (protocol.ProtocolError, ConnectionError) as e:
+            log.warning("container %s: bad frame stream: %s", self.id, e)
+        finally:
+            self._replies.put_nowait(None)
+
+    async def _read_stderr(self, reader: asyncio.StreamReader, stream: str = "stderr") -> None:
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                return
+            self._emit(stream, chunk.decode("utf-8", "replace"))
+
+    def _emit(self, stream: str, text: str) -> None:
+        for line in text.splitlines()[-5:]:
+            self._tail.append(line)
+        if self._sink is not None:
+            try:
+                self._sink(stream, text)
+            except Exception:  # a broken sink must not kill the channel
+                log.exception("log sink failed")
+
+    async def _send(self, op: str, payload: bytes = b"", **header) -> None:
+        assert self._stdin is not None
+        try:
+            self._stdin.write(protocol.encode(op, payload, **header))
+            await self._stdin.drain()
+        except (ConnectionError, BrokenPipeError):
+            pass  # the reader sees EOF and reports the death
+
+    async def _reply(self, timeout: float | None) -> protocol.Frame:
+        try:
+            frame = await asyncio.wait_for(self._replies.get(), timeout)
+        except asyncio.TimeoutError:
+            raise
+        if frame is None:
+            raise await self._died()
+        return frame
+
+    async def _died(self) -> ExecutionError:
+        """Work out why the agent went away (OOM kill, crash) and mark the container dead."""
+        if self._death is not None:
+            return self._death
+        status = await asyncio.get_running_loop().run_in_executor(None, self._reap)
+        mem = cgroups.memory_report(self.cgroup_path)
+        tail = "\n".join(self._tail)
+        if mem.oom_kills or status == -_signal.SIGKILL and mem.peak_bytes and mem.limit_bytes \
+                and mem.peak_bytes >= mem.limit_bytes * 0.95:
+            peak = f"{mem.peak_bytes / 2**20:.0f} MiB" if mem.peak_bytes else "unknown"
+            self._death = OOMError(
+                f"the container ran out of memory: limit {self.cfg.memory_mb} MiB, peak {peak}. "
+                f"Raise memory= on the function.")
+        else:
+            how = f"killed by signal {-status}" if status and status < 0 else f"exit status {status}"
+            self._death = ContainerCrashError(
+                f"the container exited without a result ({how}).\n{tail}".rstrip())
+        if self.state is not State.DEAD:
+            self.state = State.DEAD
+        return self._death
+
+    def _reap(self) -> int | None:
+        """Exit status of the container's init (we are its subreaper); None if unknown."""
+        if not self.pid:
+            return None
+        for _ in range(50):
+            try:
+                pid, st = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pid:
+                return os.waitstatus_to_exitcode(st)
+            time.sleep(0.01)
+        return None
+
+    # -- raw mode (image build steps) -----------------------------------------------------
+    async def start_raw(self, sink: LogSink) -> None:
+        """Start a plain command (no agent); its stdout/stderr go to `sink`."""
+        self._raw, self._sink = True, sink
+        await self.start()
+
+    async def wait_exit(self, timeout: float | None = None) -> int | None:
+        """Wait for a raw-mode container to exit; its exit code (negative: signal)."""
+        await asyncio.wait_for(asyncio.gather(*self._tasks), timeout)
+        status = await asyncio.get_running_loop().run_in_executor(None, self._reap)
+        self.state = State.DEAD
+        return status
+
+    # -- agent conversation ----------------------------------------------------------------
+    async def init(self, function_blob: bytes, *, timeout: float = 300.0,
+                   sink: LogSink | None = None) -> dict:
+        """Load the function in the agent (imports, enter hooks). Returns the ready header."""
+        t = time.perf_counter()
+        self._sink = sink
+        try:
+            await self._send("init", function_blob, workdir=self.cfg.workdir)
+            frame = await self._reply(timeout)
+        except asyncio.TimeoutError:
+            await self.kill()
+            raise FunctionTimeoutError(f"the container did not finish importing in {timeout:.0f} s")
+        finally:
+            self._sink = None
+        self.spans.add("agent_ready", t)
+        if frame.op == "init_error":
+            self.state = State.DEAD
+            raise RemoteInitError(frame)
+        self.spans.items["imports"] = round(float(frame.get("import_ms", 0)), 3)
+        self.spans.items["enter"] = round(float(frame.get("enter_ms", 0)), 3)
+        self._to(State.IDLE)
+        return frame.header
+
+    async def call(self, call_id: str, args_blob: bytes, *, method: str | None = None,
+                   timeout: float | None = None, sink: LogSink | None = None) -> protocol.Frame:
+        """Run one call; returns the agent's `result` frame. Raises ExecutionError subclasses."""
+        self._to(State.BUSY)
+        self._sink = sink
+        try:
+            await self._send("call", args_blob, call_id=call_id, method=method)
+            try:
+                frame = await self._reply(timeout)
+            except asyncio.TimeoutError:
+                await self.kill()
+                raise FunctionTimeoutError(
+                    f"the call ran past its timeout of {timeout:g} s and was stopped") from None
+        finally:
+            self._sink = None
+        self.calls_served += 1
+        self.last_used = time.monotonic()
+        self._to(State.IDLE)
+        return frame
+
+    async def kill(self) -> None:
+        self.state = State.DEAD
+        await self.ctx.runc.kill(self.id)
+
+    async def destroy(self) -> None:
+        """Stop and remove everything the container holds; safe to call more than once."""
+        self.state = State.DEAD
+        if self._destroyed:
+            return
+        self._destroyed = True
+        if self._stdin is not None:
+            self._stdin.close()
+            self._stdin = None
+        await self.ctx.runc.kill(self.id)
+        try:
+            await self.ctx.runc.delete(self.id)
+        except Exception as e:
+            log.warning("runc delete %s: %s", self.id, e)
+        if self.pid:
+            await asyncio.get_running_loop().run_in_executor(None, self._reap)
+        for task in self._tasks:
+            task.cancel()
+        if self._mounted:
+            rootfs.teardown(self.dir, keep_upper=self.cfg.keep_upper)
+            self._mounted = False
+        elif not self.cfg.keep_upper:
+            import shutil
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.netns is not None:
+            net, self.netns = self.netns, None
+            await asyncio.get_running_loop().run_in_executor(None, self.ctx.network.destroy, net)
+        for cb in self.on_destroy:
+            await cb()
+
+    def describe(self) -> dict:
+        return {"id": self.id, "function": self.function_key, "state": self.state.value,
+                "tier": self.tier, "calls": self.calls_served, "pid": self.pid,
+                "created_at": self.created_at, "address": self.netns.address if self.netns else None,
+                "memory_mb": self.cfg.memory_mb, "cpu": self.cfg.cpu,
+                "rss_bytes": cgroups.memory_rss(self.cgroup_path), "spans": self.spans.items}
+
+
+class RemoteInitError(Exception):
+    """The function's module failed to import or an enter hook raised, inside the container."""
+
+    def __init__(self, frame: protocol.Frame):
+        super().__init__(frame.get("message", "init failed"))
+        self.frame = frame

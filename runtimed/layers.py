@@ -1,0 +1,84 @@
+"""The node's local layer store: unpacked layers by key, ready to be overlay lower dirs."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import archive
+
+BASE_KEY = "base-bookworm-py311"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    key: str
+    path: Path
+    size: int
+    source: str        # built | pulled | base
+    hits: int
+
+
+class LayerStore:
+    def __init__(self, root: Path, base_rootfs: Path):
+        self.root, self.base_rootfs = root, base_rootfs
+        root.mkdir(parents=True, exist_ok=True)
+        self._hits: dict[str, int] = {}
+
+    def path(self, key: str) -> Path:
+        if key == BASE_KEY:
+            return self.base_rootfs
+        if not key or not all(c in "0123456789abcdef" for c in key):
+            raise ValueError(f"bad layer key {key!r}")
+        return self.root / key[:16]
+
+    def has(self, key: str) -> bool:
+        if key == BASE_KEY:
+            return (self.base_rootfs / ".runtimed-complete").exists()
+        return (self.path(key) / ".rtd-complete").exists()
+
+    def hit(self, key: str) -> None:
+        self._hits[key[:16]] = self._hits.get(key[:16], 0) + 1
+
+    def fs(self, key: str) -> Path:
+        """The directory to use as an overlay lower dir."""
+        return self.base_rootfs if key == BASE_KEY else self.path(key) / "fs"
+
+    def adopt_dir(self, key: str, upper: Path, source: str = "built") -> Path:
+        """Move a finished build's upper dir in as layer `key` (atomic rename)."""
+        final = self.path(key)
+        tmp = self.root / f".tmp-{key[:16]}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        os.rename(upper, tmp / "fs")
+        (tmp / "source").write_text(source)
+        (tmp / ".rtd-complete").touch()
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        return final / "fs"
+
+    def adopt_archive(self, key: str, archive_path: Path) -> Path:
+        """Unpack a layer archive (safely) as layer `key`."""
+        tmp = self.root / f".tmp-{key[:16]}-{os.getpid()}-u"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            archive.unpack_layer(archive_path, tmp)
+            return self.adopt_dir(key, tmp, "pulled")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def list(self) -> list[LayerInfo]:
+        out = []
+        for d in sorted(self.root.iterdir()):
+            if d.name.startswith(".") or not (d / ".rtd-complete").exists():
+                continue
+            size = sum(f.stat().st_size for f in (d / "fs").rglob("*")
+                       if f.is_file() and not f.is_symlink())
+            src = (d / "source").read_text() if (d / "source").exists() else "?"
+            out.append(LayerInfo(d.name, d / "fs", size, src, self._hits.get(d.name, 0)))
+        return out
+
+    def cleanup_tmp(self) -> None:
+        for d in self.root.glob(".tmp-*"):
+            shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,164 @@
+"""Network namespaces for containers, made with pyroute2.
+
+Every container gets its own netns, created here and joined by runc by path
+(so CRIU sees it as external and a restored container can join a new one).
+With network on (the default, as in Modal) the netns has a veth into the host
+bridge `rtd0` and outbound traffic is masqueraded; `block_network=True` gives a
+netns with only loopback.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import subprocess
+import threading
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute, NetNS, netns
+
+log = logging.getLogger(__name__)
+
+BRIDGE = "rtd0"
+SUBNET = ipaddress.ip_network("10.88.0.0/16")
+GATEWAY = ipaddress.ip_address("10.88.0.1")
+NETNS_DIR = "/var/run/netns"
+PREFIX = "rtd-"
+
+
+@dataclass(frozen=True)
+class NetnsHandle:
+    name: str
+    path: str
+    address: str | None     # None when network is blocked
+    host_veth: str | None
+
+
+class NetworkManager:
+    """Allocates addresses and creates/destroys per-container network namespaces."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._used: set[int] = set()
+        self._next = 2
+        self._host_ready = False
+
+    def _ensure_host(self) -> None:
+        if self._host_ready:
+            return
+        with IPRoute() as ipr:
+            if not ipr.link_lookup(ifname=BRIDGE):
+                ipr.link("add", ifname=BRIDGE, kind="bridge")
+                idx = ipr.link_lookup(ifname=BRIDGE)[0]
+                ipr.addr("add", index=idx, address=str(GATEWAY), mask=SUBNET.prefixlen)
+            idx = ipr.link_lookup(ifname=BRIDGE)[0]
+            ipr.link("set", index=idx, state="up")
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+            f.write("1")
+        _iptables_ensure(["-t", "nat", "POSTROUTING", "-s", str(SUBNET), "!", "-o", BRIDGE,
+                          "-j", "MASQUERADE"])
+        _iptables_ensure(["FORWARD", "-i", BRIDGE, "-j", "ACCEPT"])
+        _iptables_ensure(["FORWARD", "-o", BRIDGE, "-m", "conntrack", "--ctstate",
+                          "RELATED,ESTABLISHED", "-j", "ACCEPT"])
+        # Containers must not reach the node's own services (daemon API, metadata).
+        _iptables_ensure(["INPUT", "-i", BRIDGE, "-m", "conntrack", "--ctstate", "NEW",
+                          "-j", "DROP"])
+        self._host_ready = True
+
+    def _alloc(self) -> int:
+        with self._lock:
+            for _ in range(SUBNET.num_addresses):
+                n = self._next
+                self._next = 2 if self._next >= SUBNET.num_addresses - 2 else self._next + 1
+                if n not in self._used:
+                    self._used.add(n)
+                    return n
+        raise RuntimeError("no free container addresses in " + str(SUBNET))
+
+    def create(self, key: str, *, network: bool) -> NetnsHandle:
+        name = PREFIX + key[-12:]
+        if os.path.exists(os.path.join(NETNS_DIR, name)):
+            self._remove_ns(name)
+        netns.create(name)
+        try:
+            if not network:
+                with NetNS(name) as ns:
+                    ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+                return NetnsHandle(name, os.path.join(NETNS_DIR, name), None, None)
+            self._ensure_host()
+            n = self._alloc()
+            addr = str(SUBNET.network_address + n)
+            host_if, peer_if = f"rtv{key[-10:]}", f"rtp{key[-10:]}"
+            with IPRoute() as ipr:
+                ipr.link("add", ifname=host_if, kind="veth", peer=peer_if)
+                hidx = ipr.link_lookup(ifname=host_if)[0]
+                mtu = _uplink_mtu(ipr)
+                ipr.link("set", index=hidx, mtu=mtu)
+                bidx = ipr.link_lookup(ifname=BRIDGE)[0]
+                ipr.link("set", index=hidx, master=bidx, state="up")
+                pidx = ipr.link_lookup(ifname=peer_if)[0]
+                ipr.link("set", index=pidx, net_ns_fd=name)
+            with NetNS(name) as ns:
+                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+                pidx = ns.link_lookup(ifname=peer_if)[0]
+                ns.link("set", index=pidx, ifname="eth0", mtu=mtu)
+                ns.addr("add", index=pidx, address=addr, mask=SUBNET.prefixlen)
+                ns.link("set", index=pidx, state="up")
+                ns.route("add", dst="default", gateway=str(GATEWAY))
+            return NetnsHandle(name, os.path.join(NETNS_DIR, name), addr, host_if)
+        except Exception:
+            self._remove_ns(name)
+            raise
+
+    def destroy(self, handle: NetnsHandle) -> None:
+        if handle.host_veth:
+            try:
+                with IPRoute() as ipr:
+                    idx = ipr.link_lookup(ifname=handle.host_veth)
+                    if idx:
+                        ipr.link("del", index=idx[0])
+            except Exception as e:  # the veth dies with the netns anyway
+                log.debug("veth %s: %s", handle.host_veth, e)
+        if handle.address:
+            n = int(ipaddress.ip_address(handle.address)) - int(SUBNET.network_address)
+            with self._lock:
+                self._used.discard(n)
+        self._remove_ns(handle.name)
+
+    @staticmethod
+    def _remove_ns(name: str) -> None:
+        try:
+            netns.remove(name)
+        except OSError as e:
+            log.debug("netns %s: %s", name, e)
+
+    def cleanup_stale(self) -> int:
+        """Remove namespaces left behind by a previous daemon (crash, kill -9)."""
+        if not os.path.isdir(NETNS_DIR):
+            return 0
+        names = [n for n in os.listdir(NETNS_DIR) if n.startswith(PREFIX)]
+        for n in names:
+            self._remove_ns(n)
+        return len(names)
+
+
+def _uplink_mtu(ipr: IPRoute) -> int:
+    """The host's default-route MTU: a bigger veth MTU stalls TLS downloads (PMTU)."""
+    try:
+        route = ipr.route("get", dst="1.1.1.1")[0]
+        oif = route.get_attr("RTA_OIF")
+        return min(1500, int(ipr.link("get", index=oif)[0].get_attr("IFLA_MTU")))
+    except Exception:
+        return 1500
+
+
+def _iptables_ensure(rule: list[str]) -> None:
+    table: list[str] = []
+    if rule[0] == "-t":
+        table, rule = rule[:2], rule[2:]
+    chain, body = rule[0], rule[1:]
+    check = subprocess.run(["iptables", "-w", *table, "-C", chain, *body],
+                           capture_output=True)
+    if check.returncode != 0:
+        subprocess.run(["iptables", "-w", *table, "-A", chain, *body], check=True,
+                       capture_output=True)

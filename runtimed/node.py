@@ -1,0 +1,241 @@
+"""The node daemon's core (root): runs calls in the fastest tier it has, builds images.
+
+Tiers today: warm (an idle container of the function) and cold (new container:
+netns + overlay rootfs + runc + agent import). Snapshot restore and fork zygotes
+plug in as further tiers (see DESIGN.md).
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+from sdk.exception import (ContainerCrashError, Error, ExecutionError, InvalidError,
+                           NodeUnavailableError)
+
+from . import agentfs, rootfs
+from .blobs import BlobSource
+from .builder import Builder, layer_keys
+from .config import Paths
+from .container import Container, ContainerConfig, NodeContext, RemoteInitError
+from .ids import new_id
+from .layers import LayerStore
+from .netns import NetworkManager
+from .runc import Runc
+from .warm_pool import FunctionPool, PoolPolicy, Work
+
+log = logging.getLogger(__name__)
+Emit = Callable[[dict], None]
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Node:
+    def __init__(self, paths: Paths, name: str, blobs: BlobSource, *,
+                 memory_budget_mb: int | None = None, max_containers_per_function: int = 4):
+        self.paths, self.name, self.blobs = paths, name, blobs
+        self.node_id = f"node-{name}"
+        self.dir = paths.node_dir(name)
+        self.runc = Runc(criu=str(paths.criu))
+        self.network = NetworkManager()
+        self.layers = LayerStore(self.dir / "l", paths.base_rootfs)
+        self.ctx: NodeContext | None = None
+        self.builder: Builder | None = None
+        self.pools: dict[str, FunctionPool] = {}
+        self.active: dict[str, dict] = {}
+        total_mb = psutil.virtual_memory().total // 2**20
+        self.memory_budget_mb = memory_budget_mb or int(total_mb * 0.75)
+        self.max_per_fn = max_containers_per_function
+        self.reserved_mb = 0
+        self._mem_cond = asyncio.Condition()
+        self.started_at = time.time()
+        self.stats = {"calls": 0, "cold": 0, "warm": 0, "errors": 0}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        if os.geteuid() != 0:
+            raise ExecutionError("the node daemon must run as root (it drives runc and mounts)")
+        # Container inits are re-parented to us, so we can read their exit status.
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        for d in ("c", "l", "b", "a"):
+            (self.dir / d).mkdir(parents=True, exist_ok=True)
+        await self._cleanup_stale()
+        agent_dir = agentfs.prepare(self.dir / "a")
+        self.ctx = NodeContext(self.runc, self.network, self.dir / "c", agent_dir)
+        self.builder = Builder(self.ctx, self.layers, self.blobs, self.dir / "b")
+
+    async def _cleanup_stale(self) -> None:
+        """A previous daemon may have died (kill -9): remove its containers, mounts, netns."""
+        ids = await self.runc.list_ids()
+        mine = [i for i in ids if i.startswith(("ctr-", "bld-"))]
+        for cid in mine:
+            await self.runc.kill(cid)
+            await self.runc.delete(cid)
+        for d in (self.dir / "c").iterdir() if (self.dir / "c").exists() else []:
+            rootfs.teardown(d)
+        self.layers.cleanup_tmp()
+        n = self.network.cleanup_stale()
+        if mine or n:
+            log.info("cleaned up %d stale containers, %d netns", len(mine), n)
+
+    async def shutdown(self) -> None:
+        for pool in list(self.pools.values()):
+            await pool.close()
+        self.pools.clear()
+
+    # -- images ------------------------------------------------------------------------------
+    async def build(self, image: dict, emit: Emit) -> list[dict]:
+        assert self.builder is not None
+        return await self.builder.ensure(image, emit, build=True)
+
+    # -- calls -------------------------------------------------------------------------------
+    def _pool(self, fn: dict) -> FunctionPool:
+        key = fn["id"]
+        pool = self.pools.get(key)
+        if pool is None:
+            policy = PoolPolicy(
+                min_containers=int(fn.get("min_containers") or 0),
+                max_containers=int(fn.get("max_containers") or self.max_per_fn),
+                scaledown_window=float(fn.get("scaledown_window") or 60.0))
+            pool = FunctionPool(key, policy, lambda: self._new_container(fn))
+            self.pools[key] = pool
+        return pool
+
+    async def prewarm(self, fn: dict) -> None:
+        self._pool(fn)._scale()
+
+    async def run(self, req: dict, emit: Emit) -> dict:
+        """Run one call; returns {ok, payload, exc..., tier, container_id, spans}."""
+        fn = req["function"]
+        call_id = req["call_id"]
+        loop = asyncio.get_running_loop()
+        t_submit = time.perf_counter()
+        self.active[call_id] = {"call_id": call_id, "function": fn.get("name"),
+                                "since": time.time(), "state": "queued"}
+
+        async def in_container(c: Container) -> dict:
+            self.active[call_id].update(state="running", container=c.id)
+            queue_ms = (time.perf_counter() - t_submit) * 1000
+            tier = "warm" if c.calls_served else c.tier
+            t0 = time.perf_counter()
+            frame = await c.call(call_id, req["args"], method=fn.get("method") or req.get("method"),
+                                 timeout=float(fn.get("timeout") or 300),
+                                 sink=lambda s, t: emit({"type": "log", "stream": s, "text": t}))
+            spans = {"queue": round(queue_ms, 3)}
+            if tier != "warm":
+                spans.update(c.spans.items)
+            spans["execute"] = round(float(frame.get("run_ms", 0) or 0), 3)
+            spans["call"] = round((time.perf_counter() - t0) * 1000, 3)
+            return {"ok": bool(frame.get("ok")), "payload": frame.payload,
+                    "exc_type": frame.get("exc_type"), "exc_module": frame.get("exc_module"),
+                    "message": frame.get("message"), "traceback": frame.get("traceback"),
+                    "tier": tier, "container_id": c.id, "node_id": self.node_id, "spans": spans}
+
+        fut: asyncio.Future = loop.create_future()
+        self._pool(fn).submit(Work(call_id, in_container, fut))
+        try:
+            result = await fut
+            self.stats[result["tier"] if result["tier"] in ("cold", "warm") else "cold"] += 1
+            return result
+        except RemoteInitError as e:
+            f = e.frame
+            return {"ok": False, "payload": f.payload, "exc_type": f.get("exc_type"),
+                    "exc_module": f.get("exc_module"), "message": f.get("message"),
+                    "traceback": f.get("traceback"), "tier": "cold", "node_id": self.node_id,
+                    "spans": {}, "init_error": True}
+        except Error:
+            self.stats["errors"] += 1
+            raise
+        except Exception as e:
+            self.stats["errors"] += 1
+            log.exception("call %s failed in the node", call_id)
+            raise ContainerCrashError(f"the node could not run the call: {e}") from e
+        finally:
+            self.stats["calls"] += 1
+            self.active.pop(call_id, None)
+            if fut.done() is False:
+                fut.cancel()
+
+    async def _new_container(self, fn: dict) -> Container:
+        assert self.ctx is not None and self.builder is not None
+        image = fn["image"]
+        t0 = time.perf_counter()
+        await self.builder.ensure(image, lambda ev: None, build=False)
+        blob_path = await self.blobs.fetch(fn["blob"])
+        t_image = (time.perf_counter() - t0) * 1000
+        memory = int(fn.get("memory") or 128)
+        await self._reserve(memory, fn["id"])
+        cfg = ContainerConfig(
+            layers=tuple(self.layers.fs(k) for k in layer_keys(image)),
+            env=tuple(sorted((image.get("env") or {}).items())) + tuple(
+                sorted((fn.get("env") or {}).items())),
+            workdir=image.get("workdir") or "/",
+            cpu=float(fn.get("cpu") or 0.125), cpu_limit=float(fn.get("cpu_limit") or 0),
+            memory_mb=memory, network=not fn.get("block_network", False))
+        c = Container(new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
+        c.spans.items["image"] = round(t_image, 3)
+        try:
+            await c.start()
+            await c.init(blob_path.read_bytes(), timeout=float(fn.get("startup_timeout") or 300))
+        except BaseException:
+            await c.destroy()
+            await self._release(memory)
+            raise
+        c.on_destroy.append(lambda: self._release(memory))
+        return c
+
+    async def _reserve(self, mb: int, for_fn: str) -> None:
+        if mb > self.memory_budget_mb:
+            raise InvalidError(f"memory={mb} MiB is more than this node offers "
+                               f"({self.memory_budget_mb} MiB)")
+        deadline = time.monotonic() + 120
+        async with self._mem_cond:
+            while self.reserved_mb + mb > self.memory_budget_mb:
+                # Evict idle containers of other functions, least recently used first.
+                victims = sorted((c for k, p in self.pools.items() if k != for_fn
+                                  for c in p.containers if c.state.value == "idle"),
+                                 key=lambda c: c.last_used)
+                if victims:
+                    v = victims[0]
+                    await self.pools[v.function_key].evict_idle(1)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NodeUnavailableError(
+                        f"node {self.name} has no memory for {mb} MiB "
+                        f"({self.reserved_mb}/{self.memory_budget_mb} MiB reserved)")
+                try:
+                    await asyncio.wait_for(self._mem_cond.wait(), min(left, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+            self.reserved_mb += mb
+
+    async def _release(self, mb: int) -> None:
+        async with self._mem_cond:
+            self.reserved_mb -= mb
+            self._mem_cond.notify_all()
+
+    # -- introspection -------------------------------------------------------------------------
+    def status(self) -> dict:
+        containers = [c.describe() for p in self.pools.values() for c in p.containers]
+        return {
+            "node_id": self.node_id, "name": self.name, "started_at": self.started_at,
+            "memory_budget_mb": self.memory_budget_mb, "reserved_mb": self.reserved_mb,
+            "cpu_count": os.cpu_count(), "containers": containers,
+            "pools": {k: {"live": p.live, "idle": p.idle, "queued": p.queue.qsize()}
+                      for k, p in self.pools.items()},
+            "active_calls": list(self.active.values()), "stats": dict(self.stats),
+            "layers": [{"key": li.key, "size": li.size, "source": li.source, "hits": li.hits}
+                       for li in self.layers.list()],
+        }
+
+
+def wipe_node_dir(paths: Paths, name: str) -> None:
+    shutil.rmtree(paths.node_dir(name), ignore_errors=True)
+
+

@@ -1,0 +1,172 @@
+"""The node daemon's HTTP API and process entry point (`runtimectl node`).
+
+    POST /v1/run      frame(run, header=call request, payload=args)  -> frames: log*, result | error
+    POST /v1/build    JSON image                                     -> frames: event*, done | error
+    POST /v1/prewarm  JSON function                                  -> 204
+    GET  /v1/status   containers, pools, layers
+All but /healthz need the bearer token. The node registers with the dispatcher and
+heartbeats; the dispatcher pushes calls to it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+
+import aiohttp
+from aiohttp import web
+
+from sdk.exception import Error
+
+from . import protocol
+from .blobs import HttpBlobSource
+from .config import Paths, ensure_token
+from .http_util import FrameStream, auth_middleware, error_middleware, read_json
+from .node import Node
+
+log = logging.getLogger("runtimed.node")
+_END = object()
+
+
+async def _stream_job(request: web.Request, job, result_op: str) -> web.StreamResponse:
+    """Run `job(emit)` and stream its events, then its result, as frames."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def runner():
+        try:
+            return await job(q.put_nowait)
+        finally:
+            q.put_nowait(_END)
+
+    task = asyncio.create_task(runner())
+    async with FrameStream(request) as fs:
+        try:
+            while (item := await q.get()) is not _END:
+                if item.get("type") == "log":
+                    await fs.send("log", item["text"].encode("utf-8", "replace"),
+                                  stream=item.get("stream", "stdout"))
+                else:
+                    await fs.send("event", **item)
+            try:
+                result = await task
+            except Error as e:
+                await fs.send("error", error=e.to_wire())
+                return fs.resp
+            except Exception as e:  # noqa: BLE001
+                log.exception("job failed")
+                await fs.send("error", error={"code": "execution_failed", "message": str(e)})
+                return fs.resp
+            if result_op == "result":
+                payload = result.pop("payload", b"") or b""
+                await fs.send("result", payload, **result)
+            else:
+                await fs.send("done", report=result)
+        except ConnectionError:
+            log.info("client went away; the job continues and its result is dropped")
+    return fs.resp
+
+
+def make_app(node: Node, token: str) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware(token)],
+                          client_max_size=1 << 30)
+
+    async def run(request: web.Request):
+        body = await request.read()
+        hlen, plen = protocol.decode_header(body[:protocol.HEADER.size])
+        start = protocol.HEADER.size
+        frame = protocol.decode_body(body[start:start + hlen], body[start + hlen:])
+        req = dict(frame.header)
+        req["args"] = frame.payload
+        return await _stream_job(request, lambda emit: node.run(req, emit), "result")
+
+    async def build(request: web.Request):
+        image = await read_json(request)
+        return await _stream_job(request, lambda emit: node.build(image, emit), "done")
+
+    async def prewarm(request: web.Request):
+        await node.prewarm(await read_json(request))
+        return web.Response(status=204)
+
+    async def status(request: web.Request):
+        return web.json_response(node.status())
+
+    async def healthz(request: web.Request):
+        return web.json_response({"ok": True, "node_id": node.node_id})
+
+    app.router.add_post("/v1/run", run)
+    app.router.add_post("/v1/build", build)
+    app.router.add_post("/v1/prewarm", prewarm)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def register_loop(node: Node, dispatcher: str, token: str, url: str,
+                        interval: float = 2.0) -> None:
+    """Register with the dispatcher, then heartbeat; re-register if it forgets us."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=5)) as s:
+        registered = False
+        while True:
+            body = {"node_id": node.node_id, "url": url, "cpu": os.cpu_count(),
+                    "memory_mb": node.memory_budget_mb, "reserved_mb": node.reserved_mb,
+                    "active": len(node.active),
+                    "warm": {k: p.idle for k, p in node.pools.items()}}
+            try:
+                path = "heartbeat" if registered else "register"
+                async with s.post(f"{dispatcher}/v1/nodes/{path}", json=body) as r:
+                    if r.status == 404 and registered:
+                        registered = False
+                        continue
+                    if r.status < 300 and not registered:
+                        log.info("registered with %s as %s", dispatcher, node.node_id)
+                    registered = r.status < 300
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                if registered:
+                    log.warning("dispatcher unreachable: %s", e)
+                registered = False
+            await asyncio.sleep(interval)
+
+
+async def serve(paths: Paths, name: str, dispatcher: str, host: str, port: int,
+                ready: asyncio.Event | None = None) -> None:
+    token = ensure_token(paths)
+    blobs = HttpBlobSource(dispatcher, token, paths.node_dir(name) / "blobs")
+    node = Node(paths, name, blobs)
+    await node.start()
+    runner = web.AppRunner(make_app(node, token), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    actual = port or site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://{host}:{actual}"
+    log.info("node %s serving on %s", node.node_id, url)
+    hb = asyncio.create_task(register_loop(node, dispatcher, token, url))
+    if ready:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        hb.cancel()
+        await node.shutdown()
+        await blobs.close()
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="runtimectl node", description="run a node daemon")
+    p.add_argument("--dispatcher", default=os.environ.get("RUNTIMED_URL", "http://127.0.0.1:8470"))
+    p.add_argument("--name", default=socket.gethostname().split(".")[0][:20] or "node0")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8471)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("RUNTIMED_LOG", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(Paths.from_env(), a.name, a.dispatcher.rstrip("/"), a.host, a.port))
+
+
+if __name__ == "__main__":
+    main()
