@@ -145,6 +145,13 @@ def reseed(seed: int) -> None:
             pass
 
 
+def apply_resume(frame: protocol.Frame) -> None:
+    """After a checkpoint or a restore: fresh randomness and identity for this container."""
+    reseed(int(frame.get("seed") or int.from_bytes(os.urandom(8), "little")))
+    for k, v in (frame.get("env") or {}).items():
+        os.environ[k] = v
+
+
 def handle_call(target: Target, frame: protocol.Frame) -> None:
     global _current_call
     _current_call = frame.get("call_id")
@@ -191,7 +198,18 @@ def main() -> None:
                 import_ms = (time.perf_counter() - t0) * 1000
                 target = Target(spec)
                 target.run_hooks(snap=True)
-                # The snapshot point (issue 4) sits here: imports and snap hooks are done.
+                if frame.get("snapshot"):
+                    # The snapshot point: imports and snap hooks are done, nothing else
+                    # runs until the daemon says resume. A restored agent wakes up here.
+                    sys.stdout.flush(), sys.stderr.flush()
+                    send("snap_point", import_ms=import_ms, enter_ms=target.enter_ms)
+                    while True:
+                        f = protocol.read_frame_blocking(0)
+                        if f is None or f.op == "exit":
+                            return
+                        if f.op == "resume":
+                            apply_resume(f)
+                            break
                 target.run_hooks(snap=False)
             except BaseException as exc:  # noqa: BLE001
                 header, payload = exception_header(exc)

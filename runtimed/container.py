@@ -25,7 +25,7 @@ from typing import Awaitable, Callable
 
 from sdk.exception import ContainerCrashError, ExecutionError, FunctionTimeoutError, OOMError
 
-from . import bundle, cgroups, protocol, rootfs
+from . import archive, bundle, cgroups, protocol, rootfs
 from .netns import NetnsHandle, NetworkManager
 from .runc import Runc
 
@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 
 LogSink = Callable[[str, str], None]          # (stream, text)
 AGENT_ARGS = ("python3", "-u", "-X", "frozen_modules=on", "/.runtimed/agent.py")
+
+
+@dataclass(frozen=True)
+class RestoreSource:
+    """A materialized snapshot: CRIU image dir + the container's upper dir archive."""
+
+    image_dir: Path
+    upper_archive: Path | None
 
 
 class State(enum.Enum):
@@ -105,6 +113,7 @@ class Container:
         self.last_used = time.monotonic()
         self.calls_served = 0
         self.tier = "cold"
+        self.snapshot_note = ""
         self.pid: int | None = None
         self.netns: NetnsHandle | None = None
         self._stdin: asyncio.StreamWriter | None = None
@@ -133,8 +142,9 @@ class Container:
         return self.state not in (State.DEAD,)
 
     # -- start ---------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Create netns and rootfs, write the bundle, start runc with pipes as stdio."""
+    async def start(self, restore: "RestoreSource | None" = None) -> None:
+        """Create netns and rootfs, write the bundle, then start runc (or restore a CRIU
+        snapshot into the fresh sandbox) with pipes as stdio."""
         t = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
@@ -143,13 +153,18 @@ class Container:
                 None, lambda: self.ctx.network.create(self.id, network=self.cfg.network))
             t = self.spans.add("netns", t)
             plan = rootfs.plan_overlay(list(self.cfg.layers), self.dir)
+            if restore is not None and restore.upper_archive is not None:
+                # Files the imports and snap hooks wrote come back with the snapshot.
+                await loop.run_in_executor(None, archive.unpack_layer, restore.upper_archive,
+                                           Path(plan.upper))
+                t = self.spans.add("upper_restore", t)
             rootfs.mount_overlay(plan)
             self._mounted = True
             spec = self._spec(plan.merged)
             (self.dir / "config.json").write_text(json.dumps(bundle.build_config(spec)))
             t = self.spans.add("rootfs", t)
-            await self._spawn()
-            self.spans.add("runc_run", t)
+            await self._spawn(restore)
+            self.spans.add("runc_restore" if restore else "runc_run", t)
             self._to(State.STARTING)
         except BaseException:
             await self.destroy()
@@ -170,13 +185,17 @@ class Container:
             memory_mb=self.cfg.memory_mb, netns_path=self.netns.path if self.netns else None,
             binds=tuple(binds))
 
-    async def _spawn(self) -> None:
+    async def _spawn(self, restore: "RestoreSource | None" = None) -> None:
         loop = asyncio.get_running_loop()
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            await self.ctx.runc.run_detached(self.id, self.dir, in_r, out_w, err_w)
+            if restore is None:
+                await self.ctx.runc.run_detached(self.id, self.dir, in_r, out_w, err_w)
+            else:
+                await self.ctx.runc.restore_detached(self.id, self.dir, restore.image_dir,
+                                                     self.dir / "criu-work", in_r, out_w, err_w)
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
@@ -301,13 +320,24 @@ class Container:
 
     # -- agent conversation ----------------------------------------------------------------
     async def init(self, function_blob: bytes, *, timeout: float = 300.0,
-                   sink: LogSink | None = None) -> dict:
-        """Load the function in the agent (imports, enter hooks). Returns the ready header."""
+                   sink: LogSink | None = None, snapshot: bool = False,
+                   on_snap_point: Callable[["Container"], Awaitable[None]] | None = None) -> dict:
+        """Load the function in the agent (imports, enter hooks). With `snapshot`, the agent
+        stops at the snapshot point and `on_snap_point(self)` runs (the checkpoint) before
+        it resumes. Returns the ready header."""
         t = time.perf_counter()
         self._sink = sink
         try:
-            await self._send("init", function_blob, workdir=self.cfg.workdir)
+            await self._send("init", function_blob, workdir=self.cfg.workdir, snapshot=snapshot)
             frame = await self._reply(timeout)
+            if frame.op == "snap_point":
+                t = self.spans.add("agent_snap_point", t)
+                self._import_header(frame)
+                if on_snap_point is not None:
+                    await on_snap_point(self)
+                    t = time.perf_counter()
+                await self._send("resume", seed=_seed(), env=self._identity())
+                frame = await self._reply(timeout)
         except asyncio.TimeoutError:
             await self.kill()
             raise FunctionTimeoutError(f"the container did not finish importing in {timeout:.0f} s")
@@ -317,8 +347,31 @@ class Container:
         if frame.op == "init_error":
             self.state = State.DEAD
             raise RemoteInitError(frame)
+        if "import_ms" in frame.header:
+            self._import_header(frame)
+        self._to(State.IDLE)
+        return frame.header
+
+    def _import_header(self, frame: protocol.Frame) -> None:
         self.spans.items["imports"] = round(float(frame.get("import_ms", 0)), 3)
         self.spans.items["enter"] = round(float(frame.get("enter_ms", 0)), 3)
+
+    def _identity(self) -> dict:
+        return {"RUNTIMED_CONTAINER_ID": self.id}
+
+    async def resume(self, *, timeout: float = 60.0) -> dict:
+        """A restored agent waits at the snapshot point: reseed it and run `@enter()` hooks."""
+        t = time.perf_counter()
+        await self._send("resume", seed=_seed(), env=self._identity())
+        try:
+            frame = await self._reply(timeout)
+        except asyncio.TimeoutError:
+            await self.kill()
+            raise FunctionTimeoutError(f"the restored container did not resume in {timeout:.0f} s")
+        self.spans.add("resume", t)
+        if frame.op == "init_error":
+            self.state = State.DEAD
+            raise RemoteInitError(frame)
         self._to(State.IDLE)
         return frame.header
 
@@ -382,6 +435,10 @@ class Container:
                 "created_at": self.created_at, "address": self.netns.address if self.netns else None,
                 "memory_mb": self.cfg.memory_mb, "cpu": self.cfg.cpu,
                 "rss_bytes": cgroups.memory_rss(self.cgroup_path), "spans": self.spans.items}
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(8), "little")
 
 
 class RemoteInitError(Exception):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import secrets
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ SUBNET = ipaddress.ip_network("10.88.0.0/16")
 GATEWAY = ipaddress.ip_address("10.88.0.1")
 NETNS_DIR = "/var/run/netns"
 PREFIX = "rtd-"
+LEASE_DIR = "/run/runtimed/ip-leases"
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,15 @@ class NetnsHandle:
 class NetworkManager:
     """Allocates addresses and creates/destroys per-container network namespaces."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "node") -> None:
         self._lock = threading.Lock()
         self._used: set[int] = set()
-        self._next = 2
+        self._next = 2 + secrets.randbelow(SUBNET.num_addresses - 4)
         self._host_ready = False
+        # Several node daemons may share one machine (tests, the multi-node demo):
+        # addresses are claimed with O_EXCL files so they never hand out the same one.
+        self.owner = owner
+        os.makedirs(LEASE_DIR, exist_ok=True)
 
     def _ensure_host(self) -> None:
         if self._host_ready:
@@ -70,10 +76,26 @@ class NetworkManager:
             for _ in range(SUBNET.num_addresses):
                 n = self._next
                 self._next = 2 if self._next >= SUBNET.num_addresses - 2 else self._next + 1
-                if n not in self._used:
+                if n not in self._used and self._claim(n):
                     self._used.add(n)
                     return n
         raise RuntimeError("no free container addresses in " + str(SUBNET))
+
+    def _claim(self, n: int) -> bool:
+        try:
+            fd = os.open(os.path.join(LEASE_DIR, str(n)), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o600)
+        except FileExistsError:
+            return False
+        os.write(fd, self.owner.encode())
+        os.close(fd)
+        return True
+
+    def _unclaim(self, n: int) -> None:
+        try:
+            os.unlink(os.path.join(LEASE_DIR, str(n)))
+        except FileNotFoundError:
+            pass
 
     def create(self, key: str, *, network: bool) -> NetnsHandle:
         name = PREFIX + key[-12:]
@@ -123,6 +145,7 @@ class NetworkManager:
             n = int(ipaddress.ip_address(handle.address)) - int(SUBNET.network_address)
             with self._lock:
                 self._used.discard(n)
+            self._unclaim(n)
         self._remove_ns(handle.name)
 
     @staticmethod
@@ -132,14 +155,23 @@ class NetworkManager:
         except OSError as e:
             log.debug("netns %s: %s", name, e)
 
-    def cleanup_stale(self) -> int:
-        """Remove namespaces left behind by a previous daemon (crash, kill -9)."""
-        if not os.path.isdir(NETNS_DIR):
-            return 0
-        names = [n for n in os.listdir(NETNS_DIR) if n.startswith(PREFIX)]
-        for n in names:
-            self._remove_ns(n)
-        return len(names)
+    def cleanup_stale(self, container_ids: list[str]) -> int:
+        """Remove what a previous daemon of this owner left behind (crash, kill -9):
+        the netns of its containers and its address leases."""
+        n = 0
+        for cid in container_ids:
+            name = PREFIX + cid[-12:]
+            if os.path.exists(os.path.join(NETNS_DIR, name)):
+                self._remove_ns(name)
+                n += 1
+        for lease in os.listdir(LEASE_DIR):
+            try:
+                with open(os.path.join(LEASE_DIR, lease)) as f:
+                    if f.read() == self.owner:
+                        os.unlink(os.path.join(LEASE_DIR, lease))
+            except OSError:
+                pass
+        return n
 
 
 def _uplink_mtu(ipr: IPRoute) -> int:

@@ -29,6 +29,7 @@ from .ids import new_id
 from .layers import LayerStore
 from .netns import NetworkManager
 from .runc import Runc
+from .snapshots import SnapshotManager
 from .warm_pool import FunctionPool, PoolPolicy, Work
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,11 @@ class Node:
         self.node_id = f"node-{name}"
         self.dir = paths.node_dir(name)
         self.runc = Runc(criu=str(paths.criu))
-        self.network = NetworkManager()
+        self.network = NetworkManager(owner=str(self.dir))
         self.layers = LayerStore(self.dir / "l", paths.base_rootfs)
         self.ctx: NodeContext | None = None
         self.builder: Builder | None = None
+        self.snapshots = SnapshotManager(self.dir / "s", self.runc)
         self.pools: dict[str, FunctionPool] = {}
         self.active: dict[str, dict] = {}
         total_mb = psutil.virtual_memory().total // 2**20
@@ -55,7 +57,8 @@ class Node:
         self.reserved_mb = 0
         self._mem_cond = asyncio.Condition()
         self.started_at = time.time()
-        self.stats = {"calls": 0, "cold": 0, "warm": 0, "errors": 0}
+        self.stats = {"calls": 0, "cold": 0, "warm": 0, "restore": 0, "errors": 0,
+                      "snapshots_taken": 0, "snapshot_failures": 0, "restore_fallbacks": 0}
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -72,15 +75,19 @@ class Node:
 
     async def _cleanup_stale(self) -> None:
         """A previous daemon may have died (kill -9): remove its containers, mounts, netns."""
-        ids = await self.runc.list_ids()
-        mine = [i for i in ids if i.startswith(("ctr-", "bld-"))]
+        # Only containers whose dirs live under this node's state dir are ours: other
+        # node daemons on the same machine share the runc root.
+        cdir = self.dir / "c"
+        mine = [d.name for d in cdir.iterdir()] if cdir.exists() else []
+        running = set(await self.runc.list_ids())
         for cid in mine:
-            await self.runc.kill(cid)
-            await self.runc.delete(cid)
-        for d in (self.dir / "c").iterdir() if (self.dir / "c").exists() else []:
-            rootfs.teardown(d)
+            if cid in running:
+                await self.runc.kill(cid)
+                await self.runc.delete(cid)
+        for cid in mine:
+            rootfs.teardown(cdir / cid)
         self.layers.cleanup_tmp()
-        n = self.network.cleanup_stale()
+        n = self.network.cleanup_stale(mine)
         if mine or n:
             log.info("cleaned up %d stale containers, %d netns", len(mine), n)
 
@@ -131,17 +138,19 @@ class Node:
             if tier != "warm":
                 spans.update(c.spans.items)
             spans["execute"] = round(float(frame.get("run_ms", 0) or 0), 3)
+            extra = {"snapshot": c.snapshot_note} if tier != "warm" and c.snapshot_note else {}
             spans["call"] = round((time.perf_counter() - t0) * 1000, 3)
             return {"ok": bool(frame.get("ok")), "payload": frame.payload,
                     "exc_type": frame.get("exc_type"), "exc_module": frame.get("exc_module"),
                     "message": frame.get("message"), "traceback": frame.get("traceback"),
-                    "tier": tier, "container_id": c.id, "node_id": self.node_id, "spans": spans}
+                    "tier": tier, "container_id": c.id, "node_id": self.node_id, "spans": spans,
+                    **extra}
 
         fut: asyncio.Future = loop.create_future()
         self._pool(fn).submit(Work(call_id, in_container, fut))
         try:
             result = await fut
-            self.stats[result["tier"] if result["tier"] in ("cold", "warm") else "cold"] += 1
+            self.stats[result["tier"]] = self.stats.get(result["tier"], 0) + 1
             return result
         except RemoteInitError as e:
             f = e.frame
@@ -178,16 +187,63 @@ class Node:
             workdir=image.get("workdir") or "/",
             cpu=float(fn.get("cpu") or 0.125), cpu_limit=float(fn.get("cpu_limit") or 0),
             memory_mb=memory, network=not fn.get("block_network", False))
-        c = Container(new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
-        c.spans.items["image"] = round(t_image, 3)
         try:
-            await c.start()
-            await c.init(blob_path.read_bytes(), timeout=float(fn.get("startup_timeout") or 300))
+            c = await self._start_container(fn, cfg, blob_path)
         except BaseException:
-            await c.destroy()
             await self._release(memory)
             raise
+        c.spans.items["image"] = round(t_image, 3)
         c.on_destroy.append(lambda: self._release(memory))
+        return c
+
+    async def _start_container(self, fn: dict, cfg: ContainerConfig, blob_path: Path) -> Container:
+        """Restore the function's snapshot if this node has a usable one, else cold start
+        (taking the snapshot at the snapshot point when the function asks for one)."""
+        note = ""
+        if fn.get("snapshot"):
+            found = self.snapshots.lookup(fn["id"])
+            if found.manifest is not None:
+                c = Container(new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
+                c.tier = "restore"
+                try:
+                    t = time.perf_counter()
+                    src = await self.snapshots.source(found.manifest)
+                    c.spans.add("materialize", t)
+                    await c.start(restore=src)
+                    await c.resume()
+                    c.snapshot_note = f"restored {found.manifest.snapshot_id}"
+                    return c
+                except Exception as e:  # noqa: BLE001 - any failure: cold start instead
+                    await c.destroy()
+                    note = f"restore of {found.manifest.snapshot_id} failed, cold start used: {e}"
+                    log.warning("%s", note)
+                    self.stats["restore_fallbacks"] += 1
+                    self.snapshots.store.remove(found.manifest.snapshot_id)
+                    self.snapshots.drop_hot(found.manifest.snapshot_id)
+            elif found.reason and found.reason != "no snapshot yet":
+                note = found.reason
+
+        async def take_snapshot(c: Container) -> None:
+            nonlocal note
+            try:
+                m = await self.snapshots.take(c, fn["id"], fn["image"].get("id", ""), fn["id"])
+                self.stats["snapshots_taken"] += 1
+                note = (note + "; " if note else "") + f"snapshot {m.snapshot_id} taken"
+            except Exception as e:  # noqa: BLE001 - the function runs on without a snapshot
+                self.stats["snapshot_failures"] += 1
+                note = (note + "; " if note else "") + f"no snapshot: {e}"
+                log.warning("snapshot of %s failed: %s", fn.get("name"), e)
+
+        c = Container(new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
+        try:
+            await c.start()
+            await c.init(blob_path.read_bytes(), timeout=float(fn.get("startup_timeout") or 300),
+                         snapshot=bool(fn.get("snapshot")),
+                         on_snap_point=take_snapshot if fn.get("snapshot") else None)
+        except BaseException:
+            await c.destroy()
+            raise
+        c.snapshot_note = note
         return c
 
     async def _reserve(self, mb: int, for_fn: str) -> None:

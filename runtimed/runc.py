@@ -49,6 +49,37 @@ class Runc:
         if rc != 0:
             raise RuncError(f"runc run failed ({rc}): {_tail_log(log)}")
 
+    async def checkpoint(self, container_id: str, image_dir: Path, work_dir: Path, *,
+                         leave_running: bool = True) -> None:
+        """CRIU dump of the running container into image_dir (runc --criu our CRIU 4.x)."""
+        work_dir.mkdir(parents=True, exist_ok=True)
+        args = ["checkpoint", "--image-path", str(image_dir), "--work-path", str(work_dir)]
+        if leave_running:
+            args.append("--leave-running")
+        try:
+            await self._run(*self._criu_flag(), *args, container_id)
+        except RuncError as e:
+            raise RuncError(f"{e}\n{_criu_log_tail(work_dir / 'dump.log')}") from None
+
+    async def restore_detached(self, container_id: str, bundle: Path, image_dir: Path,
+                               work_dir: Path, stdin: int, stdout: int, stderr: int) -> None:
+        """`runc restore -d`: the restored process gets these fds as its stdio pipes
+        (runc passes them to CRIU as inherit-fd for the pipes it recorded at dump)."""
+        work_dir.mkdir(parents=True, exist_ok=True)
+        log = bundle / "runc.log"
+        cmd = self._base() + ["--log", str(log)] + self._criu_flag() + [
+            "restore", "-d", "--bundle", str(bundle), "--image-path", str(image_dir),
+            "--work-path", str(work_dir), "--pid-file", str(bundle / "pid"), container_id]
+        proc = await asyncio.create_subprocess_exec(*cmd, stdin=stdin, stdout=stdout,
+                                                    stderr=stderr)
+        rc = await proc.wait()
+        if rc != 0:
+            raise RuncError(f"runc restore failed ({rc}): {_tail_log(log)}\n"
+                            f"{_criu_log_tail(work_dir / 'restore.log')}")
+
+    def _criu_flag(self) -> list[str]:
+        return ["--criu", self.criu] if self.criu else []
+
     async def kill(self, container_id: str, signal: str = "KILL") -> None:
         try:
             await self._run("kill", "--all", container_id, signal)
@@ -78,6 +109,15 @@ class Runc:
     async def version(self) -> str:
         out = await self._run("--version")
         return out.splitlines()[0].split()[-1] if out else "unknown"
+
+
+def _criu_log_tail(path: Path, n: int = 12) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errs = [ln for ln in lines if "Error" in ln or "err" in ln.lower()][-n:]
+    return "criu: " + "\n".join(errs or lines[-n:])
 
 
 def _tail_log(log: Path, n: int = 8) -> str:
