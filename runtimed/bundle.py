@@ -51,6 +51,7 @@ class ContainerSpec:
     cgroup_parent: str = "/runtimed"
     capabilities: tuple[str, ...] = DEFAULT_CAPS
     devices: tuple[str, ...] = ()  # extra host device nodes (GPUs), by path
+    annotations: tuple[tuple[str, str], ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -143,6 +144,7 @@ def build_config(spec: ContainerSpec) -> dict:
             "oomScoreAdj": 500,
         },
         "root": {"path": spec.rootfs, "readonly": False},
+        "annotations": dict(spec.annotations),
         "hostname": spec.hostname,
         "mounts": _mounts(spec),
         "linux": {

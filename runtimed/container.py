@@ -89,6 +89,7 @@ class NodeContext:
     containers_dir: Path
     agent_dir: Path                   # bind-mounted read-only at /.runtimed
     resolv_conf: str = "/etc/resolv.conf"
+    criu_config: str | None = None    # passed to CRIU by runc via the org.criu.config annotation
 
 
 @dataclass
@@ -150,7 +151,7 @@ class Container:
         loop = asyncio.get_running_loop()
         try:
             self.netns = await loop.run_in_executor(
-                None, lambda: self.ctx.network.create(self.id, network=self.cfg.network))
+                None, lambda: self.ctx.network.acquire(network=self.cfg.network))
             t = self.spans.add("netns", t)
             plan = rootfs.plan_overlay(list(self.cfg.layers), self.dir)
             if restore is not None and restore.upper_archive is not None:
@@ -183,7 +184,8 @@ class Container:
             container_id=self.id, rootfs=merged, args=self.cfg.args, env=tuple(env.items()),
             cwd=self.cfg.workdir or "/", hostname=self.id[:63], cpu=self.cfg.cpu, cpu_limit=self.cfg.cpu_limit,
             memory_mb=self.cfg.memory_mb, netns_path=self.netns.path if self.netns else None,
-            binds=tuple(binds))
+            binds=tuple(binds),
+            annotations=(("org.criu.config", self.ctx.criu_config),) if self.ctx.criu_config else ())
 
     async def _spawn(self, restore: "RestoreSource | None" = None) -> None:
         loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ netns with only loopback.
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import os
@@ -39,7 +40,7 @@ class NetnsHandle:
 class NetworkManager:
     """Allocates addresses and creates/destroys per-container network namespaces."""
 
-    def __init__(self, owner: str = "node") -> None:
+    def __init__(self, owner: str = "node", pool_size: int = 2) -> None:
         self._lock = threading.Lock()
         self._used: set[int] = set()
         self._next = 2 + secrets.randbelow(SUBNET.num_addresses - 4)
@@ -47,7 +48,11 @@ class NetworkManager:
         # Several node daemons may share one machine (tests, the multi-node demo):
         # addresses are claimed with O_EXCL files so they never hand out the same one.
         self.owner = owner
+        self.prefix = PREFIX + hashlib.sha256(owner.encode()).hexdigest()[:4] + "-"
         os.makedirs(LEASE_DIR, exist_ok=True)
+        self.pool_size = pool_size
+        self._pool: dict[bool, list[NetnsHandle]] = {True: [], False: []}
+        self._refilling = False
 
     def _ensure_host(self) -> None:
         if self._host_ready:
@@ -97,8 +102,46 @@ class NetworkManager:
         except FileNotFoundError:
             pass
 
+    # -- pool: namespaces are made ahead of demand, off the cold-start path --------------
+    def acquire(self, *, network: bool) -> NetnsHandle:
+        """A ready netns: from the pool when one is there, else made now."""
+        pool = self._pool[network]
+        with self._lock:
+            handle = pool.pop() if pool else None
+        if handle is None or not os.path.exists(handle.path):
+            handle = self.create(secrets.token_hex(6), network=network)
+        self.refill_async()
+        return handle
+
+    def refill_async(self) -> None:
+        with self._lock:
+            if self._refilling or self.pool_size <= 0:
+                return
+            self._refilling = True
+        threading.Thread(target=self._refill, name="netns-pool", daemon=True).start()
+
+    def _refill(self) -> None:
+        try:
+            for network in (True, False):
+                while len(self._pool[network]) < self.pool_size:
+                    h = self.create(secrets.token_hex(6), network=network)
+                    with self._lock:
+                        self._pool[network].append(h)
+        except Exception as e:  # noqa: BLE001 - the pool is an optimization
+            log.warning("netns pool refill failed: %s", e)
+        finally:
+            with self._lock:
+                self._refilling = False
+
+    def drain(self) -> None:
+        with self._lock:
+            handles = self._pool[True] + self._pool[False]
+            self._pool = {True: [], False: []}
+        for h in handles:
+            self.destroy(h)
+
     def create(self, key: str, *, network: bool) -> NetnsHandle:
-        name = PREFIX + key[-12:]
+        name = self.prefix + key[-12:]
         if os.path.exists(os.path.join(NETNS_DIR, name)):
             self._remove_ns(name)
         netns.create(name)
@@ -155,13 +198,13 @@ class NetworkManager:
         except OSError as e:
             log.debug("netns %s: %s", name, e)
 
-    def cleanup_stale(self, container_ids: list[str]) -> int:
+    def cleanup_stale(self) -> int:
         """Remove what a previous daemon of this owner left behind (crash, kill -9):
-        the netns of its containers and its address leases."""
+        its network namespaces (named with the owner's prefix) and address leases."""
         n = 0
-        for cid in container_ids:
-            name = PREFIX + cid[-12:]
-            if os.path.exists(os.path.join(NETNS_DIR, name)):
+        names = os.listdir(NETNS_DIR) if os.path.isdir(NETNS_DIR) else []
+        for name in names:
+            if name.startswith(self.prefix):
                 self._remove_ns(name)
                 n += 1
         for lease in os.listdir(LEASE_DIR):

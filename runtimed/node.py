@@ -20,7 +20,7 @@ import psutil
 from sdk.exception import (ContainerCrashError, Error, ExecutionError, InvalidError,
                            NodeUnavailableError)
 
-from . import agentfs, rootfs
+from . import agentfs, criu_env, rootfs
 from .blobs import BlobSource
 from .builder import Builder, layer_keys
 from .config import Paths
@@ -43,7 +43,7 @@ class Node:
         self.paths, self.name, self.blobs = paths, name, blobs
         self.node_id = f"node-{name}"
         self.dir = paths.node_dir(name)
-        self.runc = Runc(criu=str(paths.criu))
+        self.runc = Runc(criu=str(paths.criu), restore_env=criu_env.restore_env(self.dir))
         self.network = NetworkManager(owner=str(self.dir))
         self.layers = LayerStore(self.dir / "l", paths.base_rootfs)
         self.ctx: NodeContext | None = None
@@ -69,9 +69,12 @@ class Node:
         for d in ("c", "l", "b", "a"):
             (self.dir / d).mkdir(parents=True, exist_ok=True)
         await self._cleanup_stale()
+        await asyncio.get_running_loop().run_in_executor(
+            None, criu_env.refresh_kdat_cache, str(self.paths.criu))
         agent_dir = agentfs.prepare(self.dir / "a")
         self.ctx = NodeContext(self.runc, self.network, self.dir / "c", agent_dir)
         self.builder = Builder(self.ctx, self.layers, self.blobs, self.dir / "b")
+        self.network.refill_async()
 
     async def _cleanup_stale(self) -> None:
         """A previous daemon may have died (kill -9): remove its containers, mounts, netns."""
@@ -87,7 +90,7 @@ class Node:
         for cid in mine:
             rootfs.teardown(cdir / cid)
         self.layers.cleanup_tmp()
-        n = self.network.cleanup_stale(mine)
+        n = self.network.cleanup_stale()
         if mine or n:
             log.info("cleaned up %d stale containers, %d netns", len(mine), n)
 
@@ -95,6 +98,7 @@ class Node:
         for pool in list(self.pools.values()):
             await pool.close()
         self.pools.clear()
+        await asyncio.get_running_loop().run_in_executor(None, self.network.drain)
 
     # -- images ------------------------------------------------------------------------------
     async def build(self, image: dict, emit: Emit) -> list[dict]:

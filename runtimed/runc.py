@@ -19,6 +19,7 @@ class Runc:
     binary: str = "runc"
     root: str = RUNC_ROOT
     criu: str | None = None
+    restore_env: dict | None = None    # see criu_env.restore_env
 
     def _base(self) -> list[str]:
         return [self.binary, "--root", self.root]
@@ -71,7 +72,7 @@ class Runc:
             "restore", "-d", "--bundle", str(bundle), "--image-path", str(image_dir),
             "--work-path", str(work_dir), "--pid-file", str(bundle / "pid"), container_id]
         proc = await asyncio.create_subprocess_exec(*cmd, stdin=stdin, stdout=stdout,
-                                                    stderr=stderr)
+                                                    stderr=stderr, env=self.restore_env)
         rc = await proc.wait()
         if rc != 0:
             raise RuncError(f"runc restore failed ({rc}): {_tail_log(log)}\n"
