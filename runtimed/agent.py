@@ -219,8 +219,9 @@ def main() -> None:
             send("ready", pid=os.getpid(), import_ms=import_ms, enter_ms=target.enter_ms)
         elif frame.op == "call" and target is not None:
             handle_call(target, frame)
-        elif frame.op == "reseed":
-            reseed(int(frame.get("seed", 0)))
+        elif frame.op == "resume":
+            # restored from a snapshot of an idle container (runtimectl snapshot create CTR)
+            apply_resume(frame)
             send("ready", pid=os.getpid())
         else:
             send("result", call_id=frame.get("call_id"), ok=False, exc_type="ProtocolError",

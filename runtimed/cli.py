@@ -164,6 +164,85 @@ def cmd_logs(a) -> int:
     return 0
 
 
+def _node(a) -> tuple[Client, str]:
+    """A client for one node's API (the embedded default has exactly one)."""
+    nodes = [n for n in _client().json("GET", "/v1/nodes")["nodes"] if n["alive"]]
+    if a.node:
+        nodes = [n for n in nodes if n["node_id"] in (a.node, f"node-{a.node}")]
+    if not nodes:
+        raise Error("no live node" + (f" named {a.node}" if a.node else ""))
+    if len(nodes) > 1:
+        raise Error("several nodes: choose one with --node " + ", ".join(n["node_id"] for n in nodes))
+    return Client(nodes[0]["url"]), nodes[0]["node_id"]
+
+
+def _resolve_function(name: str) -> dict | None:
+    """A function id (fn-…) or a function name registered with the dispatcher."""
+    try:
+        return _client().json("GET", f"/v1/functions/{name}")
+    except Error:
+        return None
+
+
+def cmd_snapshot(a) -> int:
+    node, node_id = _node(a)
+    if a.action == "ls":
+        data = node.json("GET", "/v1/snapshots")
+        rows = [{"snapshot_id": s["snapshot_id"], "function": s["meta"].get("function_name") or
+                 s["function_id"], "raw_mb": f"{s['raw_size'] / 2**20:.1f}",
+                 "new_stored_mb": f"{s['stored_size'] / 2**20:.1f}", "hot": s["hot"],
+                 "dump_ms": s["meta"].get("dump_ms", ""),
+                 "age_s": f"{time.time() - s['created_at']:.0f}"} for s in data["snapshots"]]
+        _table(rows, ["snapshot_id", "function", "raw_mb", "new_stored_mb", "hot", "dump_ms",
+                      "age_s"])
+        st = data["stats"]
+        print(f"store on {node_id}: {st['snapshots']} snapshots, {st['chunks']} chunks, "
+              f"{st['stored_bytes'] / 2**20:.1f} MiB stored")
+        return 0
+    if a.action in ("inspect", "rm", "verify", "export") and not a.id:
+        raise Error(f"snapshot {a.action} needs a snapshot id")
+    if a.action == "inspect":
+        print(json.dumps(node.json("GET", f"/v1/snapshots/{a.id}"), indent=2)[:20000])
+    elif a.action == "rm":
+        print(node.json("DELETE", f"/v1/snapshots/{a.id}"))
+    elif a.action == "verify":
+        res = node.json("POST", f"/v1/snapshots/{a.id}/verify", {})
+        print("ok" if res["ok"] else "CORRUPT:\n  " + "\n  ".join(res["problems"]))
+        return 0 if res["ok"] else 1
+    elif a.action == "gc":
+        budget = int(a.budget_mb * 2**20) if a.budget_mb is not None else None
+        print(json.dumps(node.json("POST", "/v1/snapshots/gc", {"budget_bytes": budget})))
+    elif a.action == "export":
+        data = node.request("GET", f"/v1/snapshots/{a.id}/export")
+        out = Path(a.file or f"{a.id}.tar")
+        out.write_bytes(data)
+        print(f"wrote {out} ({len(data) / 2**20:.1f} MiB)")
+    elif a.action == "import":
+        if not a.id:
+            raise Error("snapshot import needs a file")
+        data = Path(a.id).read_bytes()
+        print(json.dumps(node.json_bytes("POST", "/v1/snapshots/import", data)))
+    elif a.action == "create":
+        if not a.id:
+            raise Error("snapshot create needs a function (name or fn-id) or a container id")
+        fn = None if a.id.startswith("ctr-") else _resolve_function(a.id)
+        if fn is None and not a.id.startswith("ctr-"):
+            raise Error(f"unknown function {a.id}")
+        target = a.id if a.id.startswith("ctr-") else fn["id"]
+        print(json.dumps(node.json("POST", "/v1/snapshots/create",
+                                   {"target": target, "function": fn}), indent=2))
+    return 0
+
+
+def cmd_restore(a) -> int:
+    node, _ = _node(a)
+    res = node.json("POST", f"/v1/snapshots/{a.snapshot_id}/restore", {})
+    print(f"restored {res['snapshot_id']} in {res['total_ms']:.1f} ms")
+    for k, v in res["spans"].items():
+        print(f"  {k:16s} {v:8.1f} ms")
+    return 0
+
+
 def load_script(path: str):
     p = Path(path).resolve()
     if not p.is_file():
@@ -232,6 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("target")
     s.add_argument("args", nargs="*")
     s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("snapshot", help="snapshots on a node: ls|inspect|rm|gc|verify|"
+                       "export|import|create")
+    s.add_argument("action", choices=["ls", "inspect", "rm", "gc", "verify", "export", "import",
+                                      "create"])
+    s.add_argument("id", nargs="?", help="snapshot id, function, container id, or file")
+    s.add_argument("file", nargs="?", help="export: output file")
+    s.add_argument("--budget-mb", type=float, default=None, help="gc: keep the store under this")
+    s.add_argument("--node", default=None)
+    s.set_defaults(fn=cmd_snapshot)
+    s = sub.add_parser("restore", help="restore a snapshot and report its timings")
+    s.add_argument("snapshot_id")
+    s.add_argument("--node", default=None)
+    s.set_defaults(fn=cmd_restore)
     s = sub.add_parser("node", help="run a node daemon (joins --dispatcher)")
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=lambda a: __import__("runtimed.node_api").node_api.main(a.rest) or 0)

@@ -306,13 +306,15 @@ class Dispatcher:
                         return_on_logs: bool = True) -> dict:
         deadline = time.monotonic() + max(0.0, min(wait, 60.0))
         while True:
-            ev = self._event(cid)
             state = self.call_state(cid, logs_after)
             if state["status"] in TERMINAL or (return_on_logs and state["logs"]):
                 return state
             left = deadline - time.monotonic()
             if left <= 0:
                 return state
+            # Made only when we wait (no await since the read above, so no missed
+            # notification): an event per poll of a finished or unknown call would leak.
+            ev = self._event(cid)
             try:
                 await asyncio.wait_for(ev.wait(), left)
             except asyncio.TimeoutError:
@@ -413,20 +415,33 @@ def make_app(d: Dispatcher) -> web.Application:
     async def post_function(req: web.Request):
         return web.json_response({"function_id": d.register_function(await read_json(req))})
 
+    async def get_function(req: web.Request):
+        """By id, or by name (the most recently registered function of that name)."""
+        key = req.match_info["fid"]
+        rec = d.md.get_function(key) or d.md.function_by_name(key)
+        if rec is None:
+            raise NotFoundError(f"unknown function {key}")
+        return web.json_response(d._function_for_node(rec["id"]))
+
     async def post_call(req: web.Request):
         body = await read_json(req)
         fid = require(body, "function_id")
         args = _b64(require(body, "args_b64"), "args_b64")
+        try:
+            wait = float(body.get("wait") or 0)
+        except (TypeError, ValueError):
+            raise InvalidError("'wait' must be a number of seconds") from None
         cid = d.submit(fid, args)
-        wait = float(body.get("wait") or 0)
         return web.json_response(await d.wait_call(cid, wait) if wait else d.call_state(cid))
 
     async def post_batch(req: web.Request):
         body = await read_json(req)
         fid = require(body, "function_id")
         inputs = require(body, "inputs", list)
-        return web.json_response({"call_ids": [d.submit(fid, _b64(a, "inputs[]"))
-                                               for a in inputs]})
+        blobs = [_b64(a, "inputs[]") for a in inputs]     # all valid before any runs
+        if len(d._tasks) + len(blobs) > MAX_PENDING:      # all or nothing: clients retry 429
+            raise OverloadedError(f"{len(d._tasks)} calls pending; retry later")
+        return web.json_response({"call_ids": [d.submit(fid, b) for b in blobs]})
 
     async def get_call(req: web.Request):
         try:
@@ -446,7 +461,11 @@ def make_app(d: Dispatcher) -> web.Application:
         return web.json_response({"call_id": cid, "logs": d.md.logs(cid)})
 
     async def list_calls(req: web.Request):
-        return web.json_response({"calls": d.md.list_calls(int(req.query.get("limit", "50")))})
+        try:
+            limit = int(req.query.get("limit", "50"))
+        except ValueError:
+            raise InvalidError("limit must be an integer") from None
+        return web.json_response({"calls": d.md.list_calls(limit)})
 
     async def node_register(req: web.Request):
         d.register_node(await read_json(req))
@@ -479,6 +498,7 @@ def make_app(d: Dispatcher) -> web.Application:
     r.add_post("/v1/images", post_image)
     r.add_get("/v1/images", get_images)
     r.add_post("/v1/functions", post_function)
+    r.add_get("/v1/functions/{fid}", get_function)
     r.add_post("/v1/calls", post_call)
     r.add_post("/v1/calls/batch", post_batch)
     r.add_get("/v1/calls", list_calls)

@@ -7,7 +7,9 @@ import logging
 
 from aiohttp import web
 
-from sdk.exception import AuthError, Error, InvalidError
+from sdk.exception import AuthError, Error, InvalidError, NotFoundError, SnapshotError
+from snapshot.manifest import SnapshotError as StoreSnapshotError
+from snapshot.store import SnapshotNotFound
 
 from . import protocol
 
@@ -40,6 +42,9 @@ async def error_middleware(request: web.Request, handler):
         raise
     except Error as e:
         return web.json_response({"error": e.to_wire()}, status=e.http_status)
+    except StoreSnapshotError as e:
+        err = NotFoundError(str(e)) if isinstance(e, SnapshotNotFound) else SnapshotError(str(e))
+        return web.json_response({"error": err.to_wire()}, status=err.http_status)
     except Exception as e:  # noqa: BLE001 - never leak a 500 without a body
         log.exception("unhandled error on %s %s", request.method, request.path)
         return web.json_response({"error": {"code": "error", "message": f"internal error: {e}"}},

@@ -60,6 +60,11 @@ class Metadata:
         d["config"] = json.loads(d["config"])
         return d
 
+    def function_by_name(self, name: str) -> dict | None:
+        r = self.db.execute("SELECT id FROM functions WHERE name=? ORDER BY created DESC LIMIT 1",
+                            (name,)).fetchone()
+        return self.get_function(r[0]) if r else None
+
     def put_image(self, iid: str, spec: dict, report: list) -> None:
         self.db.execute("INSERT OR REPLACE INTO images VALUES (?,?,?,?)",
                         (iid, json.dumps(spec), time.time(), json.dumps(report)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ from typing import Callable
 import psutil
 
 from sdk.exception import (ContainerCrashError, Error, ExecutionError, InvalidError,
-                           NodeUnavailableError)
+                           NodeUnavailableError, NotFoundError, SnapshotError)
 
 from . import agentfs, criu_env, rootfs
 from .blobs import BlobSource
@@ -230,7 +231,8 @@ class Node:
         async def take_snapshot(c: Container) -> None:
             nonlocal note
             try:
-                m = await self.snapshots.take(c, fn["id"], fn["image"].get("id", ""), fn["id"])
+                m = await self.snapshots.take(c, fn["id"], fn["image"].get("id", ""), fn["id"],
+                                              snapshot_meta(fn, cfg))
                 self.stats["snapshots_taken"] += 1
                 note = (note + "; " if note else "") + f"snapshot {m.snapshot_id} taken"
             except Exception as e:  # noqa: BLE001 - the function runs on without a snapshot
@@ -299,3 +301,85 @@ def wipe_node_dir(paths: Paths, name: str) -> None:
     shutil.rmtree(paths.node_dir(name), ignore_errors=True)
 
 
+
+
+def _cfg_wire(cfg: ContainerConfig) -> dict:
+    return {"layers": [str(p) for p in cfg.layers], "env": [list(kv) for kv in cfg.env],
+            "workdir": cfg.workdir, "cpu": cfg.cpu, "cpu_limit": cfg.cpu_limit,
+            "memory_mb": cfg.memory_mb, "network": cfg.network}
+
+
+def _cfg_from_wire(d: dict) -> ContainerConfig:
+    missing = [p for p in d["layers"] if not Path(p).exists()]
+    if missing:
+        raise SnapshotError(f"the snapshot's image layers are not on this node: {missing[:2]}")
+    return ContainerConfig(layers=tuple(Path(p) for p in d["layers"]),
+                           env=tuple(tuple(kv) for kv in d["env"]), workdir=d["workdir"],
+                           cpu=d["cpu"], cpu_limit=d["cpu_limit"], memory_mb=d["memory_mb"],
+                           network=d["network"])
+
+
+def snapshot_meta(fn: dict, cfg: ContainerConfig) -> dict[str, str]:
+    return {"function_name": str(fn.get("name", "")),
+            "container_config": json.dumps(_cfg_wire(cfg))}
+
+
+class SnapshotAdmin:
+    """What `runtimectl snapshot ...` and `runtimectl restore` do on a node."""
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.mgr = node.snapshots
+
+    def _container(self, cid: str) -> Container:
+        for p in self.node.pools.values():
+            for c in p.containers:
+                if c.id == cid:
+                    return c
+        raise NotFoundError(f"no container {cid} on this node")
+
+    async def create(self, target: str, fn: dict | None) -> dict:
+        """Snapshot a container as it is now (idle), or a function at its snapshot point
+        (a new container is started with the snapshot taken; it then serves calls)."""
+        if target.startswith("ctr-"):
+            c = self._container(target)
+            if c.state.value != "idle":
+                raise InvalidError(f"container {target} is {c.state.value}; snapshot it when idle")
+            m = await self.mgr.take(c, f"{c.function_key}/{c.id}", "", c.function_key,
+                                    {"container_config": json.dumps(_cfg_wire(c.cfg))})
+            return {"snapshot_id": m.snapshot_id, "raw_size": m.raw_size,
+                    "stored_size": m.stored_size, "meta": m.meta}
+        if fn is None:
+            raise NotFoundError(f"unknown function {target}")
+        fn = dict(fn, snapshot=True)
+        c = await self.node._new_container(fn)
+        note = c.snapshot_note
+        await c.destroy()
+        found = self.mgr.lookup(fn["id"]).manifest
+        if found is None:
+            raise SnapshotError(f"no snapshot was taken: {note}")
+        return {"snapshot_id": found.snapshot_id, "raw_size": found.raw_size,
+                "stored_size": found.stored_size, "meta": found.meta, "note": note}
+
+    async def restore(self, snapshot_id: str) -> dict:
+        """Restore a snapshot into a fresh sandbox, time it, and tear it down."""
+        assert self.node.ctx is not None
+        m = self.mgr.store.get(snapshot_id)
+        reason = m.fingerprint.incompatibility(self.mgr.fingerprint)
+        if reason:
+            raise SnapshotError(f"snapshot {snapshot_id} cannot be restored here: {reason}")
+        if "container_config" not in m.meta:
+            raise SnapshotError(f"snapshot {snapshot_id} does not record its container config")
+        fn_cfg = _cfg_from_wire(json.loads(m.meta["container_config"]))
+        c = Container(new_id("ctr", 6), self.node.ctx, fn_cfg, function_key=m.function_id)
+        c.tier = "restore"
+        t0 = time.perf_counter()
+        try:
+            src = await self.mgr.source(m)
+            c.spans.add("materialize", t0)
+            await c.start(restore=src)
+            await c.resume()
+            total = (time.perf_counter() - t0) * 1000
+        finally:
+            await c.destroy()
+        return {"snapshot_id": snapshot_id, "total_ms": round(total, 3), "spans": c.spans.items}

@@ -24,7 +24,7 @@ from . import protocol
 from .blobs import HttpBlobSource
 from .config import Paths, ensure_token
 from .http_util import FrameStream, auth_middleware, error_middleware, read_json
-from .node import Node
+from .node import Node, SnapshotAdmin
 
 log = logging.getLogger("runtimed.node")
 _END = object()
@@ -95,6 +95,78 @@ def make_app(node: Node, token: str) -> web.Application:
     async def healthz(request: web.Request):
         return web.json_response({"ok": True, "node_id": node.node_id})
 
+    admin = SnapshotAdmin(node)
+
+    async def snap_list(request: web.Request):
+        return web.json_response({"snapshots": node.snapshots.list(),
+                                  "stats": node.snapshots.store.stats().__dict__})
+
+    async def snap_get(request: web.Request):
+        m = node.snapshots.store.get(request.match_info["sid"])
+        return web.Response(text=m.to_json(), content_type="application/json")
+
+    async def snap_rm(request: web.Request):
+        sid = request.match_info["sid"]
+        node.snapshots.store.get(sid)
+        node.snapshots.store.remove(sid)
+        node.snapshots.drop_hot(sid)
+        return web.json_response({"removed": sid})
+
+    async def snap_verify(request: web.Request):
+        sid = request.match_info["sid"]
+        problems = await asyncio.get_running_loop().run_in_executor(
+            None, node.snapshots.store.verify, sid)
+        return web.json_response({"snapshot_id": sid, "ok": not problems, "problems": problems})
+
+    async def snap_gc(request: web.Request):
+        body = await read_json(request)
+        budget = body.get("budget_bytes")
+        rep = await asyncio.get_running_loop().run_in_executor(
+            None, node.snapshots.store.gc, budget)
+        for sid in rep.removed_snapshots:
+            node.snapshots.drop_hot(sid)
+        return web.json_response({"removed_snapshots": list(rep.removed_snapshots),
+                                  "removed_chunks": rep.removed_chunks,
+                                  "freed_bytes": rep.freed_bytes})
+
+    async def snap_create(request: web.Request):
+        body = await read_json(request)
+        return web.json_response(await admin.create(body.get("target", ""), body.get("function")))
+
+    async def snap_restore(request: web.Request):
+        return web.json_response(await admin.restore(request.match_info["sid"]))
+
+    async def snap_export(request: web.Request):
+        sid = request.match_info["sid"]
+        out = node.snapshots.root / f"export-{sid}.tar"
+        await asyncio.get_running_loop().run_in_executor(
+            None, node.snapshots.store.export, sid, out)
+        try:
+            return web.Response(body=out.read_bytes(), content_type="application/x-tar")
+        finally:
+            out.unlink(missing_ok=True)
+
+    async def snap_import(request: web.Request):
+        tmp = node.snapshots.root / f"import-{os.getpid()}-{id(request)}.tar"
+        with open(tmp, "wb") as f:
+            async for chunk in request.content.iter_chunked(1 << 20):
+                f.write(chunk)
+        try:
+            m = await asyncio.get_running_loop().run_in_executor(
+                None, node.snapshots.store.import_, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return web.json_response({"snapshot_id": m.snapshot_id, "key": m.key})
+
+    app.router.add_get("/v1/snapshots", snap_list)
+    app.router.add_post("/v1/snapshots/gc", snap_gc)
+    app.router.add_post("/v1/snapshots/create", snap_create)
+    app.router.add_post("/v1/snapshots/import", snap_import)
+    app.router.add_get("/v1/snapshots/{sid}", snap_get)
+    app.router.add_delete("/v1/snapshots/{sid}", snap_rm)
+    app.router.add_post("/v1/snapshots/{sid}/verify", snap_verify)
+    app.router.add_post("/v1/snapshots/{sid}/restore", snap_restore)
+    app.router.add_get("/v1/snapshots/{sid}/export", snap_export)
     app.router.add_post("/v1/run", run)
     app.router.add_post("/v1/build", build)
     app.router.add_post("/v1/prewarm", prewarm)

@@ -74,7 +74,8 @@ class SnapshotManager:
             return Lookup(None, str(e))
         return Lookup(m, "" if m else "no snapshot yet")
 
-    async def take(self, c: Container, key: str, image_id: str, function_id: str) -> SnapshotManifest:
+    async def take(self, c: Container, key: str, image_id: str, function_id: str,
+                   extra_meta: dict[str, str] | None = None) -> SnapshotManifest:
         """Checkpoint `c` (left running) and store it under `key`. Raises SnapshotError."""
         loop = asyncio.get_running_loop()
         timings: dict[str, float] = {}
@@ -99,6 +100,7 @@ class SnapshotManager:
             timings["upper_ms"] = (time.perf_counter() - t) * 1000
             t = time.perf_counter()
             meta = {k: f"{v:.1f}" for k, v in timings.items()}
+            meta.update(extra_meta or {})
             m = await loop.run_in_executor(None, lambda: self.store.put(
                 tmp, key, image_id, function_id, self.fingerprint, meta))
             store_ms = (time.perf_counter() - t) * 1000

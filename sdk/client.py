@@ -94,6 +94,10 @@ class Client:
         data = self.request(method, path, raw, hdr, **kw)
         return json.loads(data) if data else {}
 
+    def json_bytes(self, method: str, path: str, data: bytes) -> dict:
+        return json.loads(self.request(method, path, data,
+                                       {"Content-Type": "application/octet-stream"}))
+
     def ndjson(self, path: str, body: dict) -> Iterator[dict]:
         resp = self.request("POST", path, json.dumps(body).encode(),
                             {"Content-Type": "application/json"}, stream=True)
