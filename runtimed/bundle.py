@@ -61,7 +61,8 @@ class SpecError(ValueError):
 
 def validate(spec: ContainerSpec) -> None:
     checks = [
-        (spec.container_id.replace("-", "").isalnum(), "container id must be [A-Za-z0-9-]"),
+        (spec.container_id.isascii() and spec.container_id.replace("-", "").isalnum(),
+         "container id must be [A-Za-z0-9-]"),
         (spec.rootfs.startswith("/"), "rootfs must be an absolute path"),
         (len(spec.args) > 0, "args must not be empty"),
         (spec.cwd.startswith("/"), "cwd must be absolute"),

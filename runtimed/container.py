@@ -419,6 +419,10 @@ class Container:
             await asyncio.get_running_loop().run_in_executor(None, self._reap)
         for task in self._tasks:
             task.cancel()
+        log_keep = os.environ.get("RUNTIMED_KEEP_CRIU_LOGS")
+        if log_keep and (self.dir / "criu-work" / "restore.log").exists():
+            os.makedirs(log_keep, exist_ok=True)
+            os.replace(self.dir / "criu-work" / "restore.log", f"{log_keep}/{self.id}.log")
         if self._mounted:
             rootfs.teardown(self.dir, keep_upper=self.cfg.keep_upper)
             self._mounted = False

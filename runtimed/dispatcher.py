@@ -423,6 +423,19 @@ def make_app(d: Dispatcher) -> web.Application:
             raise NotFoundError(f"unknown function {key}")
         return web.json_response(d._function_for_node(rec["id"]))
 
+    async def drain_function(req: web.Request):
+        """Stop the function's idle containers on every node (benchmarks, redeploys)."""
+        fid = req.match_info["fid"]
+        stopped = 0
+        for n in list(d.nodes.values()):
+            if n.alive:
+                try:
+                    async with n.client._s().post(f"{n.url}/v1/pools/{fid}/drain") as r:
+                        stopped += (await r.json()).get("stopped", 0)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("drain on %s: %s", n.node_id, e)
+        return web.json_response({"stopped": stopped})
+
     async def post_call(req: web.Request):
         body = await read_json(req)
         fid = require(body, "function_id")
@@ -499,6 +512,7 @@ def make_app(d: Dispatcher) -> web.Application:
     r.add_get("/v1/images", get_images)
     r.add_post("/v1/functions", post_function)
     r.add_get("/v1/functions/{fid}", get_function)
+    r.add_post("/v1/functions/{fid}/drain", drain_function)
     r.add_post("/v1/calls", post_call)
     r.add_post("/v1/calls/batch", post_batch)
     r.add_get("/v1/calls", list_calls)

@@ -118,7 +118,11 @@ class NetworkManager:
             if self._refilling or self.pool_size <= 0:
                 return
             self._refilling = True
-        threading.Thread(target=self._refill, name="netns-pool", daemon=True).start()
+        # Start a little later: a refill competing for the CPU with the restore or
+        # start that just took a netns would slow exactly the path the pool speeds up.
+        t = threading.Timer(0.5, self._refill)
+        t.daemon = True
+        t.start()
 
     def _refill(self) -> None:
         try:

@@ -119,6 +119,18 @@ class Node:
             self.pools[key] = pool
         return pool
 
+    async def drain(self, function_id: str) -> int:
+        """Stop the function's idle containers (so its next call starts cold or restores)."""
+        pool = self.pools.get(function_id)
+        if pool is None:
+            return 0
+        n = await pool.evict_idle(len(pool.containers))
+        for _ in range(100):          # eviction finishes in the containers' tasks
+            if not any(c.state.value == "idle" for c in pool.containers):
+                break
+            await asyncio.sleep(0.01)
+        return n
+
     async def prewarm(self, fn: dict) -> None:
         self._pool(fn)._scale()
 

@@ -158,6 +158,10 @@ def make_app(node: Node, token: str) -> web.Application:
             tmp.unlink(missing_ok=True)
         return web.json_response({"snapshot_id": m.snapshot_id, "key": m.key})
 
+    async def drain(request: web.Request):
+        return web.json_response({"stopped": await node.drain(request.match_info["fid"])})
+
+    app.router.add_post("/v1/pools/{fid}/drain", drain)
     app.router.add_get("/v1/snapshots", snap_list)
     app.router.add_post("/v1/snapshots/gc", snap_gc)
     app.router.add_post("/v1/snapshots/create", snap_create)
