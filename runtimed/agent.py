@@ -152,7 +152,28 @@ def apply_resume(frame: protocol.Frame) -> None:
         os.environ[k] = v
 
 
-def handle_call(target: Target, frame: protocol.Frame) -> None:
+def handle_forked_call(target: Target, frame: protocol.Frame) -> None:
+    """Fork tier: this process is a zygote (imports and hooks done); each call runs in a
+    forked child, so calls share nothing but the pristine post-init state."""
+    sys.stdout.flush(), sys.stderr.flush()
+    t_fork = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            reseed(int.from_bytes(os.urandom(8), "little"))
+            handle_call(target, frame, fork_ms=(time.perf_counter() - t_fork) * 1000)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:   # the child died before it could send its result
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        send("result", call_id=frame.get("call_id"), ok=False, exc_type="ContainerCrashError",
+             exc_module="sdk.exception", message=f"the forked call process died ({how})",
+             traceback="")
+
+
+def handle_call(target: Target, frame: protocol.Frame, fork_ms: float | None = None) -> None:
     global _current_call
     _current_call = frame.get("call_id")
     try:
@@ -169,6 +190,8 @@ def handle_call(target: Target, frame: protocol.Frame) -> None:
             raise TypeError(f"the function's return value of type {type(value).__name__} "
                             f"cannot be pickled: {e}") from None
         header, payload = {"ok": True, "run_ms": run_ms}, blob
+        if fork_ms is not None:
+            header["fork_ms"] = fork_ms
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
         header, payload = exception_header(exc)
     finally:
@@ -218,7 +241,10 @@ def main() -> None:
                 return
             send("ready", pid=os.getpid(), import_ms=import_ms, enter_ms=target.enter_ms)
         elif frame.op == "call" and target is not None:
-            handle_call(target, frame)
+            if frame.get("fork"):
+                handle_forked_call(target, frame)
+            else:
+                handle_call(target, frame)
         elif frame.op == "resume":
             # restored from a snapshot of an idle container (runtimectl snapshot create CTR)
             apply_resume(frame)

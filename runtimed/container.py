@@ -378,12 +378,13 @@ class Container:
         return frame.header
 
     async def call(self, call_id: str, args_blob: bytes, *, method: str | None = None,
-                   timeout: float | None = None, sink: LogSink | None = None) -> protocol.Frame:
+                   timeout: float | None = None, sink: LogSink | None = None,
+                   fork: bool = False) -> protocol.Frame:
         """Run one call; returns the agent's `result` frame. Raises ExecutionError subclasses."""
         self._to(State.BUSY)
         self._sink = sink
         try:
-            await self._send("call", args_blob, call_id=call_id, method=method)
+            await self._send("call", args_blob, call_id=call_id, method=method, fork=fork)
             try:
                 frame = await self._reply(timeout)
             except asyncio.TimeoutError:

@@ -146,16 +146,21 @@ class Node:
         async def in_container(c: Container) -> dict:
             self.active[call_id].update(state="running", container=c.id)
             queue_ms = (time.perf_counter() - t_submit) * 1000
-            tier = "warm" if c.calls_served else c.tier
+            fork = bool(fn.get("fork"))
+            tier = ("fork" if fork else "warm") if c.calls_served else c.tier
             t0 = time.perf_counter()
             frame = await c.call(call_id, req["args"], method=fn.get("method") or req.get("method"),
                                  timeout=float(fn.get("timeout") or 300),
-                                 sink=lambda s, t: emit({"type": "log", "stream": s, "text": t}))
+                                 sink=lambda s, t: emit({"type": "log", "stream": s, "text": t}),
+                                 fork=fork)
             spans = {"queue": round(queue_ms, 3)}
-            if tier != "warm":
+            if tier not in ("warm", "fork"):
                 spans.update(c.spans.items)
+            if frame.get("fork_ms") is not None:
+                spans["fork"] = round(float(frame.get("fork_ms")), 3)
             spans["execute"] = round(float(frame.get("run_ms", 0) or 0), 3)
-            extra = {"snapshot": c.snapshot_note} if tier != "warm" and c.snapshot_note else {}
+            extra = {"snapshot": c.snapshot_note} if tier in ("cold", "restore") and c.snapshot_note \
+                else {}
             spans["call"] = round((time.perf_counter() - t0) * 1000, 3)
             return {"ok": bool(frame.get("ok")), "payload": frame.payload,
                     "exc_type": frame.get("exc_type"), "exc_module": frame.get("exc_module"),
