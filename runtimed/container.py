@@ -41,6 +41,7 @@ class RestoreSource:
 
     image_dir: Path
     upper_archive: Path | None
+    lazy: bool = False        # pages served on first touch by a `criu lazy-pages` daemon
 
 
 class State(enum.Enum):
@@ -115,6 +116,7 @@ class Container:
         self.calls_served = 0
         self.tier = "cold"
         self.snapshot_note = ""
+        self.restore_mode: tuple[str, str, float] | None = None   # (snapshot, mode, t0)
         self.pid: int | None = None
         self.netns: NetnsHandle | None = None
         self._stdin: asyncio.StreamWriter | None = None
@@ -126,6 +128,7 @@ class Container:
         self._mounted = False
         self._raw = False
         self._destroyed = False
+        self._lazy_daemon: asyncio.subprocess.Process | None = None
         self.on_destroy: list[Callable[[], Awaitable[None]]] = []   # e.g. release memory
 
     # -- state ---------------------------------------------------------------------------
@@ -196,8 +199,21 @@ class Container:
             if restore is None:
                 await self.ctx.runc.run_detached(self.id, self.dir, in_r, out_w, err_w)
             else:
-                await self.ctx.runc.restore_detached(self.id, self.dir, restore.image_dir,
-                                                     self.dir / "criu-work", in_r, out_w, err_w)
+                work = self.dir / "criu-work"
+                lazy_daemon = None
+                if restore.lazy:
+                    lazy_daemon = await start_lazy_pages(self.ctx.runc.criu or "criu",
+                                                         restore.image_dir, work)
+                try:
+                    await self.ctx.runc.restore_detached(self.id, self.dir, restore.image_dir,
+                                                         work, in_r, out_w, err_w,
+                                                         lazy=restore.lazy)
+                except BaseException:
+                    if lazy_daemon is not None and lazy_daemon.returncode is None:
+                        lazy_daemon.kill()
+                    raise
+                if lazy_daemon is not None:
+                    self._lazy_daemon = lazy_daemon
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
@@ -430,6 +446,9 @@ class Container:
         elif not self.cfg.keep_upper:
             import shutil
             shutil.rmtree(self.dir, ignore_errors=True)
+        if self._lazy_daemon is not None and self._lazy_daemon.returncode is None:
+            self._lazy_daemon.kill()
+            await self._lazy_daemon.wait()
         if self.netns is not None:
             net, self.netns = self.netns, None
             await asyncio.get_running_loop().run_in_executor(None, self.ctx.network.destroy, net)
@@ -442,6 +461,27 @@ class Container:
                 "created_at": self.created_at, "address": self.netns.address if self.netns else None,
                 "memory_mb": self.cfg.memory_mb, "cpu": self.cfg.cpu,
                 "rss_bytes": cgroups.memory_rss(self.cgroup_path), "spans": self.spans.items}
+
+
+async def start_lazy_pages(criu: str, image_dir: Path, work: Path,
+                           timeout: float = 5.0) -> asyncio.subprocess.Process:
+    """Start the `criu lazy-pages` daemon for one restore; it serves the image's pages on
+    first touch (userfaultfd) and exits once every page is transferred."""
+    work.mkdir(parents=True, exist_ok=True)
+    sock = work / "lazy-pages.socket"
+    sock.unlink(missing_ok=True)          # a stale socket makes the restore fail
+    proc = await asyncio.create_subprocess_exec(
+        criu, "lazy-pages", "--images-dir", str(image_dir), "--work-dir", str(work),
+        "-o", "lazy-pages.log", stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        if proc.returncode is not None or time.monotonic() > deadline:
+            if proc.returncode is None:
+                proc.kill()
+            raise RuntimeError(f"criu lazy-pages did not start (see {work}/lazy-pages.log)")
+        await asyncio.sleep(0.001)
+    return proc
 
 
 def _seed() -> int:

@@ -159,8 +159,12 @@ class Node:
             if frame.get("fork_ms") is not None:
                 spans["fork"] = round(float(frame.get("fork_ms")), 3)
             spans["execute"] = round(float(frame.get("run_ms", 0) or 0), 3)
-            extra = {"snapshot": c.snapshot_note} if tier in ("cold", "restore") and c.snapshot_note \
-                else {}
+            extra = {"snapshot": c.snapshot_note} if tier in ("cold", "restore", "restore_lazy") \
+                and c.snapshot_note else {}
+            if c.restore_mode and c.calls_served == 1:
+                # restore -> first result: lazy restores pay their page faults in the call
+                self.snapshots.record_restore(c.restore_mode[0], c.restore_mode[1],
+                                              (time.perf_counter() - c.restore_mode[2]) * 1000)
             spans["call"] = round((time.perf_counter() - t0) * 1000, 3)
             return {"ok": bool(frame.get("ok")), "payload": frame.payload,
                     "exc_type": frame.get("exc_type"), "exc_module": frame.get("exc_module"),
@@ -227,13 +231,17 @@ class Node:
             if found.manifest is not None:
                 c = Container(new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
                 c.tier = "restore"
+                sid = found.manifest.snapshot_id
+                mode = self.snapshots.choose_mode(sid)
                 try:
-                    t = time.perf_counter()
-                    src = await self.snapshots.source(found.manifest)
+                    t = t0 = time.perf_counter()
+                    src = await self.snapshots.source(found.manifest, lazy=mode == "lazy")
                     c.spans.add("materialize", t)
                     await c.start(restore=src)
                     await c.resume()
-                    c.snapshot_note = f"restored {found.manifest.snapshot_id}"
+                    c.restore_mode = (sid, mode, t0)
+                    c.snapshot_note = f"restored {sid} ({mode})"
+                    c.tier = "restore" if mode == "eager" else "restore_lazy"
                     return c
                 except Exception as e:  # noqa: BLE001 - any failure: cold start instead
                     await c.destroy()

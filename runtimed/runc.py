@@ -63,13 +63,15 @@ class Runc:
             raise RuncError(f"{e}\n{_criu_log_tail(work_dir / 'dump.log')}") from None
 
     async def restore_detached(self, container_id: str, bundle: Path, image_dir: Path,
-                               work_dir: Path, stdin: int, stdout: int, stderr: int) -> None:
+                               work_dir: Path, stdin: int, stdout: int, stderr: int,
+                               lazy: bool = False) -> None:
         """`runc restore -d`: the restored process gets these fds as its stdio pipes
         (runc passes them to CRIU as inherit-fd for the pipes it recorded at dump)."""
         work_dir.mkdir(parents=True, exist_ok=True)
         log = bundle / "runc.log"
         cmd = self._base() + ["--log", str(log)] + self._criu_flag() + [
-            "restore", "-d", "--bundle", str(bundle), "--image-path", str(image_dir),
+            "restore", "-d", *(["--lazy-pages"] if lazy else []),
+            "--bundle", str(bundle), "--image-path", str(image_dir),
             "--work-path", str(work_dir), "--pid-file", str(bundle / "pid"), container_id]
         proc = await asyncio.create_subprocess_exec(*cmd, stdin=stdin, stdout=stdout,
                                                     stderr=stderr, env=self.restore_env)

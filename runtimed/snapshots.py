@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -29,6 +30,17 @@ from .runc import Runc
 
 log = logging.getLogger(__name__)
 UPPER_FILE = "rootfs-upper.tar.zst"
+TRIES_PER_MODE = 2
+PROBE_EVERY = 20
+
+
+def _ewma(xs: list[float], alpha: float = 0.3) -> float:
+    if not xs:
+        return float("inf")
+    v = xs[0]
+    for x in xs[1:]:
+        v = alpha * x + (1 - alpha) * v
+    return v
 
 
 @dataclass
@@ -59,6 +71,7 @@ class SnapshotManager:
         self.runc = runc
         self._fingerprint: Fingerprint | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        self._modes: dict[str, dict] = {}
 
     @property
     def fingerprint(self) -> Fingerprint:
@@ -118,7 +131,7 @@ class SnapshotManager:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(self.work / f"{c.id}-criu", ignore_errors=True)
 
-    async def source(self, m: SnapshotManifest) -> RestoreSource:
+    async def source(self, m: SnapshotManifest, lazy: bool = False) -> RestoreSource:
         """A restorable dir for `m`: the hot copy, or materialized (verified) from chunks."""
         hot = self.hot / m.snapshot_id
         lock = self._locks.setdefault(m.snapshot_id, asyncio.Lock())
@@ -131,7 +144,33 @@ class SnapshotManager:
                     raise SnapshotError(f"snapshot {m.snapshot_id} is corrupt and was "
                                         f"quarantined: {e}") from e
         upper = hot / UPPER_FILE
-        return RestoreSource(hot, upper if upper.exists() else None)
+        return RestoreSource(hot, upper if upper.exists() else None, lazy=lazy)
+
+    # -- restore mode per snapshot, chosen by measurement --------------------------------
+    def choose_mode(self, snapshot_id: str) -> str:
+        """'eager' or 'lazy'. Try each a few times, then use the faster (EWMA of restore
+        time), re-probing the other every PROBE_EVERY restores in case things changed."""
+        forced = os.environ.get("RUNTIMED_RESTORE_MODE")
+        if forced in ("eager", "lazy"):
+            return forced
+        st = self._modes.setdefault(snapshot_id, {"eager": [], "lazy": [], "n": 0})
+        st["n"] += 1
+        for mode in ("eager", "lazy"):
+            if len(st[mode]) < TRIES_PER_MODE:
+                return mode
+        best = min(("eager", "lazy"), key=lambda m: _ewma(st[m]))
+        if st["n"] % PROBE_EVERY == 0:
+            return "lazy" if best == "eager" else "eager"
+        return best
+
+    def record_restore(self, snapshot_id: str, mode: str, ms: float) -> None:
+        st = self._modes.setdefault(snapshot_id, {"eager": [], "lazy": [], "n": 0})
+        st[mode] = (st[mode] + [ms])[-20:]
+
+    def mode_stats(self, snapshot_id: str) -> dict:
+        st = self._modes.get(snapshot_id) or {"eager": [], "lazy": []}
+        return {m: {"n": len(st[m]), "ewma_ms": round(_ewma(st[m]), 1) if st[m] else None}
+                for m in ("eager", "lazy")}
 
     def drop_hot(self, snapshot_id: str) -> None:
         shutil.rmtree(self.hot / snapshot_id, ignore_errors=True)
@@ -143,6 +182,7 @@ class SnapshotManager:
                         "image_id": m.image_id, "created_at": m.created_at,
                         "raw_size": m.raw_size, "stored_size": m.stored_size,
                         "hot": (self.hot / m.snapshot_id / "inventory.img").exists(),
+                        "restore_modes": self.mode_stats(m.snapshot_id),
                         "meta": m.meta})
         return out
 
