@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -36,7 +37,10 @@ def refresh_kdat_cache(criu: str) -> bool:
         subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                        capture_output=True, timeout=60)
         if tmp.exists():
-            os.replace(tmp, KDAT)     # same content for every node on this kernel
+            staged = KDAT.with_name(f".criu.kdat.{os.getpid()}")
+            shutil.copyfile(tmp, staged)
+            os.replace(staged, KDAT)  # same content for every node on this kernel
+            tmp.unlink(missing_ok=True)
             return True
     except (OSError, subprocess.TimeoutExpired) as e:
         log.warning("could not build the CRIU kerndat cache: %s", e)

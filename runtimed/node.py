@@ -248,8 +248,11 @@ class Node:
                     note = f"restore of {found.manifest.snapshot_id} failed, cold start used: {e}"
                     log.warning("%s", note)
                     self.stats["restore_fallbacks"] += 1
-                    self.snapshots.store.remove(found.manifest.snapshot_id)
-                    self.snapshots.drop_hot(found.manifest.snapshot_id)
+                    try:      # the store may already have quarantined it (corrupt chunk)
+                        self.snapshots.store.remove(sid)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    self.snapshots.drop_hot(sid)
             elif found.reason and found.reason != "no snapshot yet":
                 note = found.reason
 

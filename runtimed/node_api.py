@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 
 import aiohttp
@@ -223,8 +224,23 @@ async def serve(paths: Paths, name: str, dispatcher: str, host: str, port: int,
     hb = asyncio.create_task(register_loop(node, dispatcher, token, url))
     if ready:
         ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    main_pid = os.getpid()
+
+    # Not loop.add_signal_handler: it routes signals through a wakeup fd that forked
+    # helpers (pyroute2's netns workers) inherit, so a SIGTERM *they* receive would
+    # stop this daemon. A plain handler that exits when it runs in such a child is safe.
+    def on_signal(signum, _frame) -> None:
+        if os.getpid() != main_pid:
+            os._exit(128 + signum)
+        log.info("got signal %d", signum)
+        loop.call_soon_threadsafe(stop.set)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+        log.info("shutting down: stopping containers")
     finally:
         hb.cancel()
         await node.shutdown()

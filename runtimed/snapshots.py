@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sdk.exception import SnapshotError
 from snapshot.fingerprint import current_fingerprint
-from snapshot.guard import find_blockers, inspect_pids
+from snapshot.guard import find_blockers, inet_sockets_dumpable, inspect_pids
 from snapshot.manifest import Fingerprint, SnapshotManifest
 from snapshot.store import (SnapshotCorruptError, SnapshotIncompatible, SnapshotStore)
 
@@ -94,7 +94,9 @@ class SnapshotManager:
         timings: dict[str, float] = {}
         t = time.perf_counter()
         pids = _cgroup_pids(c.cgroup_path)
-        blockers = find_blockers(await loop.run_in_executor(None, inspect_pids, pids))
+        fp = self.fingerprint
+        blockers = find_blockers(await loop.run_in_executor(None, inspect_pids, pids),
+                                 inet_ok=inet_sockets_dumpable(fp.kernel, fp.criu_version))
         if blockers:
             raise SnapshotError("refusing to snapshot: " + "; ".join(blockers))
         timings["guard_ms"] = (time.perf_counter() - t) * 1000
@@ -106,7 +108,13 @@ class SnapshotManager:
             try:
                 await self.runc.checkpoint(c.id, tmp, self.work / f"{c.id}-criu")
             except Exception as e:
-                raise SnapshotError(f"CRIU checkpoint failed: {e}") from e
+                kept = self.root / "failed" / f"{c.id}-dump.log"
+                kept.parent.mkdir(exist_ok=True)
+                try:
+                    shutil.copy(self.work / f"{c.id}-criu" / "dump.log", kept)
+                except OSError:
+                    pass
+                raise SnapshotError(f"CRIU checkpoint failed (log: {kept}): {e}") from e
             timings["dump_ms"] = (time.perf_counter() - t) * 1000
             t = time.perf_counter()
             await loop.run_in_executor(None, archive.pack_layer, c.dir / "upper", tmp / UPPER_FILE)

@@ -16,11 +16,33 @@ class ProcView:
     fds: tuple[str, ...] = ()            # readlink of /proc/pid/fd/*
     maps: tuple[str, ...] = ()           # mapped file paths
     tcp_established: tuple[str, ...] = field(default=())   # "remote_ip:port"
+    inet_sockets: tuple[str, ...] = field(default=())      # "tcp 127.0.0.1:7070 LISTEN", ...
 
 
 def _hex_ip4(h: str) -> str:
     b = bytes.fromhex(h)
     return ".".join(str(x) for x in reversed(b))
+
+
+_TCP_STATES = {"01": "ESTABLISHED", "0A": "LISTEN", "07": "CLOSE"}
+
+
+def _inet_sockets(pid: int, inodes: set[str]) -> tuple[str, ...]:
+    """The process's own inet sockets (matched by inode in its netns's tables)."""
+    out = []
+    for name in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            lines = open(f"/proc/{pid}/net/{name}").read().splitlines()[1:]
+        except OSError:
+            continue
+        for ln in lines:
+            parts = ln.split()
+            if len(parts) > 9 and parts[9] in inodes:
+                lip, lport = parts[1].split(":")
+                ip = _hex_ip4(lip) if len(lip) == 8 else lip
+                state = _TCP_STATES.get(parts[3], parts[3]) if name.startswith("tcp") else ""
+                out.append(f"{name} {ip}:{int(lport, 16)} {state}".strip())
+    return tuple(out)
 
 
 def _tcp_established(pid: int) -> tuple[str, ...]:
@@ -59,14 +81,34 @@ def inspect_pids(pids: list[int]) -> list[ProcView]:
                     maps.add(parts[5].strip())
         except OSError:
             pass
-        views.append(ProcView(pid, tuple(fds), tuple(sorted(maps)), _tcp_established(pid)))
+        inodes = {fd[len("socket:["):-1] for fd in fds if fd.startswith("socket:[")}
+        views.append(ProcView(pid, tuple(fds), tuple(sorted(maps)), _tcp_established(pid),
+                              _inet_sockets(pid, inodes) if inodes else ()))
     return views
 
 
-def find_blockers(procs: list[ProcView]) -> list[str]:
+def inet_sockets_dumpable(kernel: str, criu_version: str) -> bool:
+    """CRIU 4.1 asks every socket for SO_PASSCRED; Linux 6.16+ answers EOPNOTSUPP for
+    inet sockets, so CRIU < 4.2 cannot dump any TCP/UDP socket on such kernels."""
+    def ver(s: str) -> tuple[int, ...]:
+        nums = []
+        for part in s.split(".")[:3]:
+            digits = "".join(c for c in part if c.isdigit())
+            nums.append(int(digits) if digits else 0)
+        return tuple(nums)
+    return not (ver(kernel) >= (6, 16) and ver(criu_version) < (4, 2))
+
+
+def find_blockers(procs: list[ProcView], *, inet_ok: bool = True) -> list[str]:
     """Human-readable reasons this process tree must not be checkpointed (empty: fine)."""
     reasons = []
     for p in procs:
+        if not inet_ok:
+            for sock in p.inet_sockets:
+                reasons.append(f"pid {p.pid} holds an inet socket ({sock}): CRIU cannot "
+                               "checkpoint TCP/UDP sockets on this host (Linux >= 6.16 with "
+                               "CRIU < 4.2); open sockets in @enter() instead of before the "
+                               "snapshot")
         for fd in p.fds:
             if fd.startswith("/dev/nvidia"):
                 reasons.append(f"pid {p.pid} has {fd} open (a CUDA context exists: checkpoint "
