@@ -91,9 +91,21 @@ def _check_member(m: tarfile.TarInfo, dest: str) -> None:
         target = posixpath.normpath(m.linkname)
         if target.startswith("/") or target.startswith(".."):
             raise UnsafeArchiveError(f"refusing hard link {name!r} -> {m.linkname!r}")
+        # os.link follows symlinks: the target as it resolves on disk must stay inside.
+        real = os.path.realpath(os.path.join(dest, target))
+        if real != dest and not real.startswith(dest + os.sep):
+            raise UnsafeArchiveError(f"refusing hard link {name!r} -> {m.linkname!r}: "
+                                     "it resolves outside the layer")
     if m.isdev() or m.isfifo():
         if not (m.ischr() and m.devmajor == 0 and m.devminor == 0):
             raise UnsafeArchiveError(f"refusing device node {name!r} (only whiteouts allowed)")
+
+
+def _clear_target(path: str) -> None:
+    """An entry replaces what an earlier entry left at its name; tarfile would otherwise
+    write through a symlink (or into a hard link) placed there by the archive."""
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+        os.unlink(path)
 
 
 def unpack_layer(archive: Path, dest: Path) -> int:
@@ -107,6 +119,7 @@ def unpack_layer(archive: Path, dest: Path) -> int:
             tarfile.open(fileobj=zr, mode="r|") as tar:
         for m in tar:
             _check_member(m, dest_s)
+            _clear_target(os.path.join(dest_s, m.name))
             if m.pax_headers.get(PAX_OPAQUE) == "y":
                 opaque.append(m.name)
             tar.extract(m, dest_s, set_attrs=True, numeric_owner=True, filter="fully_trusted")

@@ -327,7 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("node", help="run a node daemon (joins --dispatcher)")
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=lambda a: __import__("runtimed.node_api").node_api.main(a.rest) or 0)
-    a = p.parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["node"]:             # its own parser: runtimectl node --help
+        from .node_api import main as node_main
+        node_main(args[1:])
+        return 0
+    a = p.parse_args(args)
     try:
         return a.fn(a)
     except Error as e:

@@ -113,6 +113,7 @@ class Container:
         self.spans = Spans()
         self.created_at = time.time()
         self.last_used = time.monotonic()
+        self.ready_at = 0.0                  # perf_counter when it became ready to serve
         self.calls_served = 0
         self.tier = "cold"
         self.snapshot_note = ""

@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -33,11 +34,14 @@ from .http_util import auth_middleware, error_middleware, read_json, require
 from .ids import content_id, is_hex_digest, new_id
 from .metadata import TERMINAL, Metadata
 from .node_client import NodeClient, NodeLost
+from .placement import NodeView, place
 
 log = logging.getLogger("runtimed.dispatcher")
 
 NODE_DEAD_AFTER = 6.0          # three missed 2 s heartbeats
 QUEUE_TIMEOUT = 300.0          # a call waits this long for any node before failing
+AFFINITY_WAIT = 2.0
+MAX_UNSTARTED = 20             # requeues of a call whose node refused the connection            # ...and this long for a full node that holds its snapshot
 MAX_PENDING = 10_000           # unfinished calls before we answer 429
 RETRYABLE_CODES = {"oom", "function_timeout", "container_crashed", "node_unavailable",
                    "execution_failed"}
@@ -51,6 +55,14 @@ class NodeEntry:
     info: dict
     last_seen: float = field(default_factory=time.monotonic)
     inflight: int = 0
+    sent_mb: int = 0            # memory of calls sent since the node's last heartbeat
+
+    def view(self) -> NodeView:
+        i = self.info
+        return NodeView(self.node_id, int(i.get("memory_mb") or 0),
+                        int(i.get("reserved_mb") or 0) + self.sent_mb, self.inflight,
+                        dict(i.get("warm") or {}), frozenset(i.get("snapshots") or ()),
+                        frozenset(i.get("layers") or ()), len(i.get("gpus") or ()))
 
     @property
     def alive(self) -> bool:
@@ -76,7 +88,9 @@ class Dispatcher:
         self._log_seq: dict[str, int] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._fn_cache: dict[str, dict] = {}
+        self._pins: dict[str, str] = {}     # call id -> node id (admin/benchmark pinning)
         self.started_at = time.time()
+        self.placement_policy = os.environ.get("RUNTIMED_PLACEMENT", "affinity")
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -112,7 +126,10 @@ class Dispatcher:
             entry = NodeEntry(nid, url, NodeClient(nid, url, self.token), body)
             self.nodes[nid] = entry
             log.info("node %s registered at %s", nid, url)
-        entry.info, entry.last_seen = body, time.monotonic()
+        entry.info, entry.last_seen, entry.sent_mb = body, time.monotonic(), 0
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         self._node_event.set()
         self._node_event = asyncio.Event()
 
@@ -120,17 +137,52 @@ class Dispatcher:
         entry = self.nodes.get(body.get("node_id", ""))
         if entry is None:
             return False
-        entry.info, entry.last_seen = body, time.monotonic()
+        entry.info, entry.last_seen, entry.sent_mb = body, time.monotonic(), 0
+        self._wake_waiters()
         return True
 
     def _pick(self, fn_id: str) -> NodeEntry | None:
-        """Placement: a node with an idle warm container of the function, else least loaded."""
+        """Any live node, least loaded (image builds, prewarm)."""
         alive = [n for n in self.nodes.values() if n.alive]
-        if not alive:
-            return None
-        warm = [n for n in alive if (n.info.get("warm") or {}).get(fn_id, 0) > 0]
-        pool = warm or alive
-        return min(pool, key=lambda n: (n.inflight, n.info.get("active", 0)))
+        return min(alive, key=lambda n: n.view().load()) if alive else None
+
+    async def _place(self, fn: dict, deadline: float, pin: str | None = None
+                     ) -> tuple[NodeEntry, dict]:
+        """Choose the node for a call (placement.py); queue briefly (bounded) for a better
+        node that is full rather than going cold elsewhere. Returns the node and the
+        placement record stored with the call."""
+        mem = int(fn.get("memory") or 128)
+        keys = layer_keys(fn["image"])
+        t0 = time.monotonic()
+        while True:
+            alive = {n.node_id: n for n in self.nodes.values() if n.alive}
+            if pin:
+                if pin in alive:
+                    return alive[pin], {"node_id": pin, "reason": "pinned"}
+                if time.monotonic() > deadline:
+                    raise NodeUnavailableError(f"node {pin} (pinned) is not available")
+                await asyncio.sleep(0.05)
+                continue
+            p = place([n.view() for n in alive.values()], fn["id"], keys, mem,
+                      self.placement_policy)
+            if p.node_id is not None and (p.wait_for is None or
+                                          time.monotonic() - t0 >= AFFINITY_WAIT):
+                rec = p.to_wire()
+                if p.wait_for:
+                    rec["waited_ms"] = round((time.monotonic() - t0) * 1000, 1)
+                return alive[p.node_id], rec
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if p.node_id is None and not alive:
+                    raise NodeUnavailableError("no node is available to run the call "
+                                               f"(waited {QUEUE_TIMEOUT:.0f} s); is a node "
+                                               "running?")
+                raise NodeUnavailableError(f"no node has room for the call ({mem} MiB) "
+                                           f"after {QUEUE_TIMEOUT:.0f} s")
+            try:
+                await asyncio.wait_for(self._node_event.wait(), min(left, 0.05))
+            except asyncio.TimeoutError:
+                pass
 
     async def _wait_node(self, fn_id: str, deadline: float) -> NodeEntry:
         while True:
@@ -206,12 +258,14 @@ class Dispatcher:
             log.warning("prewarm of %s failed: %s", fid, e)
 
     # -- calls -----------------------------------------------------------------------------------
-    def submit(self, fid: str, args: bytes) -> str:
+    def submit(self, fid: str, args: bytes, node_id: str | None = None) -> str:
         if len(self._tasks) >= MAX_PENDING:
             raise OverloadedError(f"{len(self._tasks)} calls pending; retry later")
         self._function_for_node(fid)        # 404 now rather than a failed call later
         cid = new_id("call", 10)
         self.md.add_call(cid, fid, args)
+        if node_id:
+            self._pins[cid] = node_id
         self._drive_soon(cid)
         return cid
 
@@ -248,24 +302,39 @@ class Dispatcher:
                 self._finish(cid, "failed", {"error": err})
         finally:
             self._log_seq.pop(cid, None)
+            self._pins.pop(cid, None)
 
     async def _drive_inner(self, cid: str) -> None:
         call = self.md.get_call(cid)
         fn = self._function_for_node(call["function_id"])
         retries = int(fn.get("retries") or 0)
         deadline = time.monotonic() + QUEUE_TIMEOUT
+        unstarted = 0
         while True:
             attempts = self.md.bump_attempts(cid)
-            node = await self._wait_node(fn["id"], deadline)
-            self.md.set_status(cid, "running", node_id=node.node_id)
+            node, placement = await self._place(fn, deadline, self._pins.get(cid))
+            self.md.set_status(cid, "running", node_id=node.node_id,
+                               placement=json.dumps(placement))
             self._notify(cid)
             node.inflight += 1
-            req = {"call_id": cid, "attempt": attempts, "function": fn}
+            mem = int(fn.get("memory") or 128)
+            node.sent_mb += mem
+            peers = [n.url for n in self.nodes.values() if n.alive and n is not node
+                     and fn["id"] in (n.info.get("snapshots") or ())]
+            req = {"call_id": cid, "attempt": attempts, "function": fn,
+                   "snapshot_peers": peers if fn.get("snapshot") else []}
             try:
                 result = await node.client.run(req, call["args"],
                                                lambda s, t: self._on_log(cid, s, t))
             except NodeLost as e:
                 node.last_seen = 0.0            # treat as dead until it heartbeats again
+                if not e.started and unstarted < MAX_UNSTARTED:
+                    # The call never reached the node: requeue without using a retry.
+                    unstarted += 1
+                    self.md.set_status(cid, "queued")
+                    self.md.db.execute("UPDATE calls SET attempts=attempts-1 WHERE id=?", (cid,))
+                    await asyncio.sleep(0.2)
+                    continue
                 outcome = {"error": NodeUnavailableError(
                     f"the node running the call was lost ({e})").to_wire()}
             except Error as e:
@@ -278,6 +347,7 @@ class Dispatcher:
                 outcome, retry_payload = result, payload
             finally:
                 node.inflight -= 1
+                self._wake_waiters()
             retryable = ("error" in outcome and outcome["error"].get("code") in RETRYABLE_CODES) \
                 or ("exc_type" in outcome and not outcome.get("init_error"))
             if retryable and attempts <= retries:
@@ -295,7 +365,8 @@ class Dispatcher:
         if call is None:
             raise NotFoundError(f"unknown call {cid}")
         out = {"call_id": cid, "status": call["status"], "function_id": call["function_id"],
-               "attempts": call["attempts"], "logs": self.md.logs(cid, logs_after)}
+               "attempts": call["attempts"], "logs": self.md.logs(cid, logs_after),
+               "placement": json.loads(call["placement"]) if call.get("placement") else None}
         if call["status"] in TERMINAL:
             res = json.loads(call["result"] or "{}")
             res["payload_b64"] = base64.b64encode(call["result_payload"] or b"").decode()
@@ -349,8 +420,12 @@ class Dispatcher:
 
     def nodes_view(self) -> list[dict]:
         return [{"node_id": n.node_id, "url": n.url, "alive": n.alive, "inflight": n.inflight,
-                 "seen_s_ago": round(time.monotonic() - n.last_seen, 1), **{
-                     k: n.info.get(k) for k in ("cpu", "memory_mb", "reserved_mb", "warm")}}
+                 "seen_s_ago": round(time.monotonic() - n.last_seen, 1),
+                 "snapshots": len(n.info.get("snapshots") or ()),
+                 "layers": len(n.info.get("layers") or ()),
+                 "gpus": len(n.info.get("gpus") or ()), **{
+                     k: n.info.get(k) for k in ("cpu", "memory_mb", "reserved_mb", "warm",
+                                                "active")}}
                 for n in self.nodes.values()]
 
 
@@ -444,7 +519,10 @@ def make_app(d: Dispatcher) -> web.Application:
             wait = float(body.get("wait") or 0)
         except (TypeError, ValueError):
             raise InvalidError("'wait' must be a number of seconds") from None
-        cid = d.submit(fid, args)
+        node_id = body.get("node_id")
+        if node_id is not None and not isinstance(node_id, str):
+            raise InvalidError("node_id must be a string")
+        cid = d.submit(fid, args, node_id)
         return web.json_response(await d.wait_call(cid, wait) if wait else d.call_state(cid))
 
     async def post_batch(req: web.Request):

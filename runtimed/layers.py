@@ -25,6 +25,10 @@ class LayerStore:
         self.root, self.base_rootfs = root, base_rootfs
         root.mkdir(parents=True, exist_ok=True)
         self._hits: dict[str, int] = {}
+        self._full_key: dict[str, str] = {}
+        for d in root.iterdir():
+            if (d / "key").exists():
+                self._full_key[d.name] = (d / "key").read_text().strip()
 
     def path(self, key: str) -> Path:
         if key == BASE_KEY:
@@ -53,6 +57,8 @@ class LayerStore:
         tmp.mkdir()
         os.rename(upper, tmp / "fs")
         (tmp / "source").write_text(source)
+        (tmp / "key").write_text(key)
+        self._full_key[key[:16]] = key
         (tmp / ".rtd-complete").touch()
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
@@ -67,6 +73,14 @@ class LayerStore:
             return self.adopt_dir(key, tmp, "pulled")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def list_keys(self) -> list[LayerInfo]:
+        """Complete layers, without sizes (cheap: called for every heartbeat)."""
+        out = []
+        for d in self.root.iterdir():
+            if not d.name.startswith(".") and (d / ".rtd-complete").exists():
+                out.append(LayerInfo(self._full_key.get(d.name, d.name), d / "fs", 0, "", 0))
+        return out
 
     def list(self) -> list[LayerInfo]:
         out = []

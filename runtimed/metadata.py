@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS layers (key TEXT PRIMARY KEY, digest TEXT, size INTEG
 CREATE TABLE IF NOT EXISTS calls (
   id TEXT PRIMARY KEY, function_id TEXT, status TEXT, attempts INTEGER DEFAULT 0,
   args BLOB, result TEXT, result_payload BLOB, created REAL, started REAL, finished REAL,
-  node_id TEXT, tier TEXT);
+  node_id TEXT, tier TEXT, placement TEXT);
 CREATE INDEX IF NOT EXISTS calls_status ON calls(status);
 CREATE TABLE IF NOT EXISTS logs (call_id TEXT, seq INTEGER, stream TEXT, text TEXT, ts REAL,
   PRIMARY KEY (call_id, seq));
@@ -44,6 +44,9 @@ class Metadata:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
+        if "placement" not in cols:      # older state dirs
+            self.db.execute("ALTER TABLE calls ADD COLUMN placement TEXT")
         self.db.row_factory = sqlite3.Row
 
     # functions / images / layers
@@ -123,7 +126,8 @@ class Metadata:
 
     def list_calls(self, limit: int = 50) -> list[dict]:
         rows = self.db.execute("SELECT id, function_id, status, attempts, created, started, "
-                               "finished, node_id, tier FROM calls ORDER BY created DESC LIMIT ?",
+                               "finished, node_id, tier, placement FROM calls ORDER BY created "
+                               "DESC LIMIT ?",
                                (limit,))
         return [dict(r) for r in rows]
 

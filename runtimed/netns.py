@@ -48,7 +48,7 @@ class NetworkManager:
         # Several node daemons may share one machine (tests, the multi-node demo):
         # addresses are claimed with O_EXCL files so they never hand out the same one.
         self.owner = owner
-        self.prefix = PREFIX + hashlib.sha256(owner.encode()).hexdigest()[:4] + "-"
+        self.prefix = PREFIX + hashlib.sha256(owner.encode()).hexdigest()[:6] + "-"
         os.makedirs(LEASE_DIR, exist_ok=True)
         self.pool_size = pool_size
         self._pool: dict[bool, list[NetnsHandle]] = {True: [], False: []}
@@ -108,7 +108,10 @@ class NetworkManager:
         pool = self._pool[network]
         with self._lock:
             handle = pool.pop() if pool else None
-        if handle is None or not os.path.exists(handle.path):
+        if handle is not None and not os.path.exists(handle.path):
+            self.destroy(handle)             # releases its address lease
+            handle = None
+        if handle is None:
             handle = self.create(secrets.token_hex(6), network=network)
         self.refill_async()
         return handle
@@ -149,6 +152,7 @@ class NetworkManager:
         if os.path.exists(os.path.join(NETNS_DIR, name)):
             self._remove_ns(name)
         netns.create(name)
+        claimed: int | None = None
         try:
             if not network:
                 with NetNS(name) as ns:
@@ -156,6 +160,7 @@ class NetworkManager:
                 return NetnsHandle(name, os.path.join(NETNS_DIR, name), None, None)
             self._ensure_host()
             n = self._alloc()
+            claimed = n
             addr = str(SUBNET.network_address + n)
             host_if, peer_if = f"rtv{key[-10:]}", f"rtp{key[-10:]}"
             with IPRoute() as ipr:
@@ -177,6 +182,10 @@ class NetworkManager:
             return NetnsHandle(name, os.path.join(NETNS_DIR, name), addr, host_if)
         except Exception:
             self._remove_ns(name)
+            if claimed is not None:
+                with self._lock:
+                    self._used.discard(claimed)
+                self._unclaim(claimed)
             raise
 
     def destroy(self, handle: NetnsHandle) -> None:

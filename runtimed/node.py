@@ -58,6 +58,8 @@ class Node:
         self.reserved_mb = 0
         self._mem_cond = asyncio.Condition()
         self.started_at = time.time()
+        self.token: str | None = None          # for pulling snapshots from peer nodes
+        self._snapshot_peers: dict[str, list[str]] = {}   # function id -> peer node URLs
         self.stats = {"calls": 0, "cold": 0, "warm": 0, "restore": 0, "errors": 0,
                       "snapshots_taken": 0, "snapshot_failures": 0, "restore_fallbacks": 0}
 
@@ -147,21 +149,24 @@ class Node:
             self.active[call_id].update(state="running", container=c.id)
             queue_ms = (time.perf_counter() - t_submit) * 1000
             fork = bool(fn.get("fork"))
-            tier = ("fork" if fork else "warm") if c.calls_served else c.tier
+            # The call paid for the container's start only if it was already waiting
+            # when the container became ready; otherwise the container was idle: warm.
+            started_for_it = c.calls_served == 0 and c.ready_at >= t_submit
+            tier = c.tier if started_for_it else ("fork" if fork else "warm")
             t0 = time.perf_counter()
             frame = await c.call(call_id, req["args"], method=fn.get("method") or req.get("method"),
                                  timeout=float(fn.get("timeout") or 300),
                                  sink=lambda s, t: emit({"type": "log", "stream": s, "text": t}),
                                  fork=fork)
             spans = {"queue": round(queue_ms, 3)}
-            if tier not in ("warm", "fork"):
+            if started_for_it:
                 spans.update(c.spans.items)
             if frame.get("fork_ms") is not None:
                 spans["fork"] = round(float(frame.get("fork_ms")), 3)
             spans["execute"] = round(float(frame.get("run_ms", 0) or 0), 3)
-            extra = {"snapshot": c.snapshot_note} if tier in ("cold", "restore", "restore_lazy") \
-                and c.snapshot_note else {}
-            if c.restore_mode and c.calls_served == 1:
+            extra = {"snapshot": c.snapshot_note} if tier in (
+                "cold", "restore", "restore_lazy", "restore_peer") and c.snapshot_note else {}
+            if c.restore_mode and c.calls_served == 1 and started_for_it:
                 # restore -> first result: lazy restores pay their page faults in the call
                 self.snapshots.record_restore(c.restore_mode[0], c.restore_mode[1],
                                               (time.perf_counter() - c.restore_mode[2]) * 1000)
@@ -172,6 +177,8 @@ class Node:
                     "tier": tier, "container_id": c.id, "node_id": self.node_id, "spans": spans,
                     **extra}
 
+        if req.get("snapshot_peers"):
+            self._snapshot_peers[fn["id"]] = list(req["snapshot_peers"])
         fut: asyncio.Future = loop.create_future()
         self._pool(fn).submit(Work(call_id, in_container, fut))
         try:
@@ -229,23 +236,11 @@ class Node:
         if fn.get("snapshot"):
             found = self.snapshots.lookup(fn["id"])
             if found.manifest is not None:
-                c = Container(new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
-                c.tier = "restore"
                 sid = found.manifest.snapshot_id
-                mode = self.snapshots.choose_mode(sid)
                 try:
-                    t = t0 = time.perf_counter()
-                    src = await self.snapshots.source(found.manifest, lazy=mode == "lazy")
-                    c.spans.add("materialize", t)
-                    await c.start(restore=src)
-                    await c.resume()
-                    c.restore_mode = (sid, mode, t0)
-                    c.snapshot_note = f"restored {sid} ({mode})"
-                    c.tier = "restore" if mode == "eager" else "restore_lazy"
-                    return c
+                    return await self._restore(fn, cfg, found.manifest)
                 except Exception as e:  # noqa: BLE001 - any failure: cold start instead
-                    await c.destroy()
-                    note = f"restore of {found.manifest.snapshot_id} failed, cold start used: {e}"
+                    note = f"restore of {sid} failed, cold start used: {e}"
                     log.warning("%s", note)
                     self.stats["restore_fallbacks"] += 1
                     try:      # the store may already have quarantined it (corrupt chunk)
@@ -255,6 +250,23 @@ class Node:
                     self.snapshots.drop_hot(sid)
             elif found.reason and found.reason != "no snapshot yet":
                 note = found.reason
+            elif self._snapshot_peers.get(fn["id"]) and self.token:
+                # Another node holds the snapshot: pull what we lack, then restore it.
+                t = time.perf_counter()
+                try:
+                    m, stats, peer = await self.snapshots.pull_from_peers(
+                        fn["id"], self._snapshot_peers[fn["id"]], self.token)
+                    pull_ms = (time.perf_counter() - t) * 1000
+                    c = await self._restore(fn, cfg, m)
+                    c.spans.items["snapshot_pull"] = round(pull_ms, 3)
+                    c.tier = "restore_peer"
+                    c.snapshot_note += (f"; pulled from {peer}: {stats.chunks_fetched} chunks "
+                                        f"({stats.bytes_fetched / 2**20:.1f} MiB), "
+                                        f"{stats.chunks_reused} already here")
+                    return c
+                except Exception as e:  # noqa: BLE001 - cold start instead
+                    note = f"snapshot pull failed, cold start used: {e}"
+                    log.warning("%s", note)
 
         async def take_snapshot(c: Container) -> None:
             nonlocal note
@@ -278,6 +290,25 @@ class Node:
             await c.destroy()
             raise
         c.snapshot_note = note
+        return c
+
+    async def _restore(self, fn: dict, cfg: ContainerConfig, manifest) -> Container:
+        assert self.ctx is not None
+        c = Container(new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
+        sid = manifest.snapshot_id
+        mode = self.snapshots.choose_mode(sid)
+        try:
+            t = t0 = time.perf_counter()
+            src = await self.snapshots.source(manifest, lazy=mode == "lazy")
+            c.spans.add("materialize", t)
+            await c.start(restore=src)
+            await c.resume()
+        except BaseException:
+            await c.destroy()
+            raise
+        c.restore_mode = (sid, mode, t0)
+        c.snapshot_note = f"restored {sid} ({mode})"
+        c.tier = "restore" if mode == "eager" else "restore_lazy"
         return c
 
     async def _reserve(self, mb: int, for_fn: str) -> None:
@@ -311,13 +342,19 @@ class Node:
             self._mem_cond.notify_all()
 
     # -- introspection -------------------------------------------------------------------------
+    def holdings(self) -> dict:
+        """What placement needs to know about this node (sent with every heartbeat)."""
+        return {"snapshots": self.snapshots.keys(),
+                "layers": [li.key for li in self.layers.list_keys()],
+                "warm": {k: p.idle for k, p in self.pools.items()}}
+
     def status(self) -> dict:
         containers = [c.describe() for p in self.pools.values() for c in p.containers]
         return {
             "node_id": self.node_id, "name": self.name, "started_at": self.started_at,
             "memory_budget_mb": self.memory_budget_mb, "reserved_mb": self.reserved_mb,
             "cpu_count": os.cpu_count(), "containers": containers,
-            "pools": {k: {"live": p.live, "idle": p.idle, "queued": p.queue.qsize()}
+            "pools": {k: {"live": p.live, "idle": p.idle, "queued": len(p.queue)}
                       for k, p in self.pools.items()},
             "active_calls": list(self.active.values()), "stats": dict(self.stats),
             "layers": [{"key": li.key, "size": li.size, "source": li.source, "hits": li.hits}

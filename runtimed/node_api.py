@@ -19,7 +19,8 @@ import socket
 import aiohttp
 from aiohttp import web
 
-from sdk.exception import Error
+from sdk.exception import Error, NotFoundError
+from snapshot import transfer
 
 from . import protocol
 from .blobs import HttpBlobSource
@@ -163,6 +164,21 @@ def make_app(node: Node, token: str) -> web.Application:
         return web.json_response({"stopped": await node.drain(request.match_info["fid"])})
 
     app.router.add_post("/v1/pools/{fid}/drain", drain)
+    async def snap_by_key(request: web.Request):
+        m = node.snapshots.store.lookup(request.match_info["key"])
+        if m is None:
+            raise NotFoundError(f"no snapshot for {request.match_info['key']} on {node.node_id}")
+        return web.Response(text=m.to_json(), content_type="application/json")
+
+    async def chunk(request: web.Request):
+        try:
+            data = transfer.chunk_blob(node.snapshots.store, request.match_info["sha"])
+        except (ValueError, FileNotFoundError):
+            raise NotFoundError(f"no chunk {request.match_info['sha'][:80]}") from None
+        return web.Response(body=data, content_type="application/zstd")
+
+    app.router.add_get("/v1/snapshots/by-key/{key}", snap_by_key)
+    app.router.add_get("/v1/chunks/{sha}", chunk)
     app.router.add_get("/v1/snapshots", snap_list)
     app.router.add_post("/v1/snapshots/gc", snap_gc)
     app.router.add_post("/v1/snapshots/create", snap_create)
@@ -190,8 +206,7 @@ async def register_loop(node: Node, dispatcher: str, token: str, url: str,
         while True:
             body = {"node_id": node.node_id, "url": url, "cpu": os.cpu_count(),
                     "memory_mb": node.memory_budget_mb, "reserved_mb": node.reserved_mb,
-                    "active": len(node.active),
-                    "warm": {k: p.idle for k, p in node.pools.items()}}
+                    "active": len(node.active), **node.holdings()}
             try:
                 path = "heartbeat" if registered else "register"
                 async with s.post(f"{dispatcher}/v1/nodes/{path}", json=body) as r:
@@ -213,6 +228,7 @@ async def serve(paths: Paths, name: str, dispatcher: str, host: str, port: int,
     token = ensure_token(paths)
     blobs = HttpBlobSource(dispatcher, token, paths.node_dir(name) / "blobs")
     node = Node(paths, name, blobs)
+    node.token = token
     await node.start()
     runner = web.AppRunner(make_app(node, token), access_log=None)
     await runner.setup()

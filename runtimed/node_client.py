@@ -6,13 +6,18 @@ from typing import Callable
 
 import aiohttp
 
-from sdk.exception import from_wire
+from sdk.exception import Error, from_wire
 
 from . import protocol
 
 
 class NodeLost(Exception):
-    """The connection to the node broke before a result arrived (node died or restarted)."""
+    """The connection to the node broke before a result arrived (node died or restarted).
+    `started` is False when the request never reached the node (connection refused)."""
+
+    def __init__(self, message: str, started: bool = True):
+        super().__init__(message)
+        self.started = started
 
 
 class NodeClient:
@@ -43,6 +48,10 @@ class NodeClient:
                     if frame.op == "error":
                         raise from_wire(frame.get("error") or {})
                     on_frame(frame)
+        except Error:
+            raise               # typed errors from the node (FunctionTimeoutError is a TimeoutError)
+        except aiohttp.ClientConnectorError as e:
+            raise NodeLost(f"cannot reach node {self.node_id}: {e}", started=False) from e
         except (aiohttp.ClientError, asyncio.TimeoutError, protocol.ProtocolError,
                 ConnectionError) as e:
             raise NodeLost(f"lost node {self.node_id}: {e}") from e

@@ -78,9 +78,11 @@ def read_frame_blocking(fd: int) -> Frame | None:
     if prefix is None:
         return None
     hlen, plen = decode_header(prefix)
-    raw = exact(hlen) or b""
+    raw = exact(hlen) if hlen else b""
     payload = exact(plen) if plen else b""
-    return decode_body(raw, payload or b"")
+    if raw is None or payload is None:
+        raise ProtocolError("EOF inside a frame")
+    return decode_body(raw, payload)
 
 
 async def read_frame(reader) -> Frame | None:

@@ -22,7 +22,9 @@ from sdk.exception import SnapshotError
 from snapshot.fingerprint import current_fingerprint
 from snapshot.guard import find_blockers, inet_sockets_dumpable, inspect_pids
 from snapshot.manifest import Fingerprint, SnapshotManifest
+from snapshot import transfer
 from snapshot.store import (SnapshotCorruptError, SnapshotIncompatible, SnapshotStore)
+from snapshot.transfer import PullStats
 
 from . import archive
 from .container import Container, RestoreSource
@@ -72,6 +74,7 @@ class SnapshotManager:
         self._fingerprint: Fingerprint | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._modes: dict[str, dict] = {}
+        self._keys_cache: tuple[float, list[str]] | None = None
 
     @property
     def fingerprint(self) -> Fingerprint:
@@ -124,6 +127,7 @@ class SnapshotManager:
             meta.update(extra_meta or {})
             m = await loop.run_in_executor(None, lambda: self.store.put(
                 tmp, key, image_id, function_id, self.fingerprint, meta))
+            self._keys_cache = None
             store_ms = (time.perf_counter() - t) * 1000
             # The dump dir becomes the hot copy: restores skip materializing it.
             hot = self.hot / m.snapshot_id
@@ -180,6 +184,38 @@ class SnapshotManager:
         return {m: {"n": len(st[m]), "ewma_ms": round(_ewma(st[m]), 1) if st[m] else None}
                 for m in ("eager", "lazy")}
 
+    def keys(self) -> list[str]:
+        """Snapshot keys (function ids) this node can restore: reported in heartbeats."""
+        now = time.monotonic()
+        if self._keys_cache is None or now - self._keys_cache[0] > 1.0:
+            fp = self.fingerprint
+            self._keys_cache = (now, sorted({m.key for m in self.store.list()
+                                             if not m.fingerprint.incompatibility(fp)}))
+        return self._keys_cache[1]
+
+    async def pull_from_peers(self, key: str, peers: list[str], token: str) -> tuple[
+            SnapshotManifest, PullStats, str]:
+        """Fetch the snapshot for `key` from the first peer that has it: the manifest, then
+        only the chunks missing here. Raises SnapshotError when no peer can serve it."""
+        from sdk.client import Client
+        errors = []
+        for url in peers:
+            client = Client(url, token)
+            try:
+                raw = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: client.request("GET", f"/v1/snapshots/by-key/{_q(key)}",
+                                                 retries=1))
+
+                def fetch(sha: str) -> bytes:
+                    return client.request("GET", f"/v1/chunks/{sha}", retries=2)
+                m, stats = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: transfer.pull(self.store, raw, fetch))
+                self._keys_cache = None
+                return m, stats, url
+            except Exception as e:  # noqa: BLE001 - try the next peer
+                errors.append(f"{url}: {e}")
+        raise SnapshotError("no peer could provide the snapshot: " + "; ".join(errors))
+
     def drop_hot(self, snapshot_id: str) -> None:
         shutil.rmtree(self.hot / snapshot_id, ignore_errors=True)
 
@@ -193,6 +229,11 @@ class SnapshotManager:
                         "restore_modes": self.mode_stats(m.snapshot_id),
                         "meta": m.meta})
         return out
+
+
+def _q(key: str) -> str:
+    import urllib.parse
+    return urllib.parse.quote(key, safe="")
 
 
 def _cgroup_pids(cgroup_path: str) -> list[int]:

@@ -2,12 +2,15 @@
 started only for calls that would otherwise wait; idle ones are reaped after the
 scale-down window, keeping `min_containers` warm.
 
-Each live container runs a worker task that pulls calls from its function's queue,
-so a call goes to whichever container frees up first (like Modal's input queue).
+Each live container runs a worker task. A call goes to the most recently used idle
+container (a stack, like Modal's), so under light load the same few containers stay
+busy and the rest reach their scale-down window; calls that find no idle container
+wait in a FIFO queue that every freed container drains first.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,14 +40,13 @@ class Work:
 
 class FunctionPool:
     def __init__(self, key: str, policy: PoolPolicy,
-                 factory: Callable[[], Awaitable[Container]],
-                 on_start_error: Callable[[BaseException], None] | None = None):
+                 factory: Callable[[], Awaitable[Container]]):
         self.key, self.policy, self.factory = key, policy, factory
-        self.queue: asyncio.Queue[Work] = asyncio.Queue()
+        self.queue: collections.deque[Work] = collections.deque()
         self.containers: list[Container] = []
         self.starting = 0
-        self.idle = 0
         self.last_error: BaseException | None = None
+        self._idle: list[tuple[Container, asyncio.Future]] = []   # a stack: last idle first
         self._tasks: set[asyncio.Task] = set()
         self._task_of: dict[str, asyncio.Task] = {}
         self._closed = False
@@ -53,15 +55,24 @@ class FunctionPool:
     def live(self) -> int:
         return len(self.containers) + self.starting
 
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
     def submit(self, work: Work) -> None:
-        self.queue.put_nowait(work)
+        while self._idle:
+            _, slot = self._idle.pop()
+            if not slot.done():
+                slot.set_result(work)
+                return
+        self.queue.append(work)
         self._scale()
 
     def _scale(self) -> None:
         """Start containers for calls no idle or starting container will take."""
         if self._closed:
             return
-        want = self.queue.qsize() - self.idle - self.starting
+        want = len(self.queue) - self.starting
         while want > 0 and self.live < self.policy.max_containers:
             self._spawn()
             want -= 1
@@ -84,6 +95,7 @@ class FunctionPool:
             self._fail_waiting(e)
             return
         self.starting -= 1
+        c.ready_at = time.perf_counter()
         self.containers.append(c)
         task = asyncio.current_task()
         if task is not None:
@@ -101,27 +113,40 @@ class FunctionPool:
                 self._scale()
 
     def _fail_waiting(self, exc: BaseException) -> None:
-        """A start failed: the calls that were waiting on it fail with the same error,
-        unless other containers are still coming or serving."""
+        """A start failed: the calls waiting for it fail with the same error, unless
+        other containers are still coming or serving."""
         if self.live > 0:
             return
-        while not self.queue.empty():
-            w = self.queue.get_nowait()
+        while self.queue:
+            w = self.queue.popleft()
             if not w.future.done():
                 w.future.set_exception(exc)
 
+    async def _next(self, c: Container) -> Work | None:
+        """The next call for `c`: queued work first, else wait idle (None: scale down)."""
+        if self.queue:
+            return self.queue.popleft()
+        slot: asyncio.Future = asyncio.get_running_loop().create_future()
+        entry = (c, slot)
+        self._idle.append(entry)
+        try:
+            await asyncio.wait({slot}, timeout=self.policy.scaledown_window)
+        finally:
+            if entry in self._idle:
+                self._idle.remove(entry)
+            if not slot.done():
+                slot.cancel()
+            elif asyncio.current_task().cancelling():   # evicted just as work arrived
+                self.queue.appendleft(slot.result())
+        return slot.result() if slot.done() and not slot.cancelled() else None
+
     async def _serve(self, c: Container) -> None:
         while c.alive and not self._closed:
-            self.idle += 1
-            try:
-                work = await asyncio.wait_for(self.queue.get(),
-                                              timeout=self.policy.scaledown_window)
-            except asyncio.TimeoutError:
+            work = await self._next(c)
+            if work is None:
                 if len(self.containers) > self.policy.min_containers:
                     return
                 continue
-            finally:
-                self.idle -= 1
             if work.future.done():       # cancelled while queued
                 continue
             try:
@@ -129,21 +154,21 @@ class FunctionPool:
                 if not work.future.done():
                     work.future.set_result(result)
             except asyncio.CancelledError:
-                if not work.future.done():   # evicted or shut down: the call goes back
-                    self.queue.put_nowait(work)
+                if not work.future.done():   # shut down mid-call: the call goes back
+                    self.queue.appendleft(work)
                 raise
             except BaseException as e:  # noqa: BLE001
                 if not work.future.done():
                     work.future.set_exception(e)
 
     async def evict_idle(self, n: int = 1) -> int:
-        """Destroy up to n idle containers (memory pressure from other pools)."""
+        """Stop up to n idle containers (memory pressure, drain), least recently used first."""
         done = 0
-        for c in list(self.containers):
+        for c, slot in list(self._idle):
             if done >= n:
                 break
             task = self._task_of.get(c.id)
-            if c.state.value == "idle" and task is not None:
+            if task is not None and not slot.done():
                 task.cancel()
                 done += 1
         return done
@@ -155,7 +180,7 @@ class FunctionPool:
         for c in list(self.containers):
             await c.destroy()
         self.containers.clear()
-        while not self.queue.empty():
-            w = self.queue.get_nowait()
+        while self.queue:
+            w = self.queue.popleft()
             if not w.future.done():
                 w.future.cancel()

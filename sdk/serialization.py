@@ -1,7 +1,9 @@
 """Shipping functions and values with cloudpickle, and bringing remote exceptions home."""
 from __future__ import annotations
 
+import hashlib
 import importlib
+import threading
 import inspect
 import sys
 import sysconfig
@@ -85,14 +87,46 @@ def check_globals(fn, fn_name: str) -> None:
                     f"{type(value).__qualname__}, which cannot be pickled: {err}")
 
 
+_tracker_lock = threading.Lock()
+
+
+def _stable_tracker_id(class_def) -> str:
+    """cloudpickle tags each class pickled by value with a random uuid4; a stable tag
+    (module, qualname and the bytecode of its methods) makes the function blob, and so
+    the function id and its snapshot key, the same across deploys of unchanged code.
+    The class is registered under the tag, as cloudpickle does with its own ids, so a
+    user exception class that comes back from a container is the same class object."""
+    cp = cloudpickle.cloudpickle
+    with cp._DYNAMIC_CLASS_TRACKER_LOCK:
+        existing = cp._DYNAMIC_CLASS_TRACKER_BY_CLASS.get(class_def)
+        if existing is not None:
+            return existing
+        h = hashlib.sha256(f"{class_def.__module__}.{class_def.__qualname__}".encode())
+        for name, attr in sorted(vars(class_def).items()):
+            code = getattr(attr, "__code__", None)
+            h.update(name.encode() + (code.co_code if code is not None else b""))
+        tid = h.hexdigest()[:32]
+        if cp._DYNAMIC_CLASS_TRACKER_BY_ID.get(tid, class_def) is not class_def:
+            tid = cp.uuid.uuid4().hex          # a different class with the same tag
+        cp._DYNAMIC_CLASS_TRACKER_BY_CLASS[class_def] = tid
+        cp._DYNAMIC_CLASS_TRACKER_BY_ID[tid] = class_def
+        return tid
+
+
 def dumps_function(spec: dict, fn_name: str, fn) -> bytes:
     register_by_value(fn)
     check_closure(fn, fn_name)
     check_globals(fn, fn_name)
-    try:
-        return cloudpickle.dumps(spec)
-    except Exception as e:  # noqa: BLE001
-        raise InvalidError(f"function {fn_name!r} cannot be pickled: {e}") from None
+    cp = cloudpickle.cloudpickle
+    with _tracker_lock:
+        original = cp._get_or_create_tracker_id
+        cp._get_or_create_tracker_id = _stable_tracker_id
+        try:
+            return cloudpickle.dumps(spec)
+        except Exception as e:  # noqa: BLE001
+            raise InvalidError(f"function {fn_name!r} cannot be pickled: {e}") from None
+        finally:
+            cp._get_or_create_tracker_id = original
 
 
 def dumps_args(args: tuple, kwargs: dict, method: str | None = None) -> bytes:
