@@ -48,7 +48,7 @@ Pin-Priority: 100
 PIN
     apt-get update -qq
   fi
-  tmp="$(mktemp -d)"
+  tmp="$(mktemp -d)"; chmod 755 "$tmp"   # apt downloads as _apt
   ( cd "$tmp"
     for p in criu libcompel1 libc6 libbsd0 libmd0 libgnutls30t64 libnet1 libnftables1 \
              libnl-3-200 libprotobuf-c1 libuuid1 libp11-kit0 libidn2-0 libunistring5 \
