@@ -91,6 +91,7 @@ class NodeContext:
     agent_dir: Path                   # bind-mounted read-only at /.runtimed
     resolv_conf: str = "/etc/resolv.conf"
     criu_config: str | None = None    # passed to CRIU by runc via the org.criu.config annotation
+    empty_dir: str | None = None      # read-only source for masking /proc and /sys dirs
 
 
 @dataclass
@@ -188,7 +189,7 @@ class Container:
             container_id=self.id, rootfs=merged, args=self.cfg.args, env=tuple(env.items()),
             cwd=self.cfg.workdir or "/", hostname=self.id[:63], cpu=self.cfg.cpu, cpu_limit=self.cfg.cpu_limit,
             memory_mb=self.cfg.memory_mb, netns_path=self.netns.path if self.netns else None,
-            binds=tuple(binds),
+            binds=tuple(binds), mask_dir_source=self.ctx.empty_dir,
             annotations=(("org.criu.config", self.ctx.criu_config),) if self.ctx.criu_config else ())
 
     async def _spawn(self, restore: "RestoreSource | None" = None) -> None:

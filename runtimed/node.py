@@ -75,7 +75,11 @@ class Node:
         await asyncio.get_running_loop().run_in_executor(
             None, criu_env.refresh_kdat_cache, str(self.paths.criu))
         agent_dir = agentfs.prepare(self.dir / "a")
-        self.ctx = NodeContext(self.runc, self.network, self.dir / "c", agent_dir)
+        empty = self.dir / "empty"
+        empty.mkdir(exist_ok=True)
+        empty.chmod(0o555)
+        self.ctx = NodeContext(self.runc, self.network, self.dir / "c", agent_dir,
+                               empty_dir=str(empty))
         self.builder = Builder(self.ctx, self.layers, self.blobs, self.dir / "b")
         self.network.refill_async()
 
