@@ -300,7 +300,7 @@ class Node:
         assert self.ctx is not None
         c = Container(new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
         sid = manifest.snapshot_id
-        mode = self.snapshots.choose_mode(sid)
+        mode = self.snapshots.choose_mode(sid, fn.get("restore_mode"))
         try:
             t = t0 = time.perf_counter()
             src = await self.snapshots.source(manifest, lazy=mode == "lazy")

@@ -159,10 +159,10 @@ class SnapshotManager:
         return RestoreSource(hot, upper if upper.exists() else None, lazy=lazy)
 
     # -- restore mode per snapshot, chosen by measurement --------------------------------
-    def choose_mode(self, snapshot_id: str) -> str:
+    def choose_mode(self, snapshot_id: str, requested: str | None = None) -> str:
         """'eager' or 'lazy'. Try each a few times, then use the faster (EWMA of restore
         time), re-probing the other every PROBE_EVERY restores in case things changed."""
-        forced = os.environ.get("RUNTIMED_RESTORE_MODE")
+        forced = requested or os.environ.get("RUNTIMED_RESTORE_MODE")
         if forced in ("eager", "lazy"):
             return forced
         st = self._modes.setdefault(snapshot_id, {"eager": [], "lazy": [], "n": 0})

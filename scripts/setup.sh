@@ -93,7 +93,7 @@ fi
 venv_stamp="$VENV/.runtimed-$(cat "$REPO/pyproject.toml" | sha256sum | cut -c1-12)-$(echo "$REPO" | sha256sum | cut -c1-8)"
 if [ ! -e "$venv_stamp" ]; then
   log "venv: installing runtimed (editable) with test extras"
-  "$VENV/bin/pip" install -q -e "$REPO[test]"
+  "$VENV/bin/pip" install -q -e "$REPO[test,bench]"
   rm -f "$VENV"/.runtimed-*; touch "$venv_stamp"
 fi
 

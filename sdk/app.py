@@ -15,7 +15,7 @@ from .serialization import check_closure, dumps_function
 
 _FUNCTION_OPTIONS = ("cpu", "memory", "gpu", "timeout", "retries", "min_containers",
                      "max_containers", "scaledown_window", "snapshot", "block_network",
-                     "secrets_env", "fork")
+                     "env", "fork", "restore_mode")
 
 
 def enter(*, snap: bool = False):
@@ -36,7 +36,7 @@ def method():
 
 
 def _config(cpu, memory, gpu, timeout, retries, min_containers, max_containers,
-            scaledown_window, snapshot, block_network, env, fork) -> dict:
+            scaledown_window, snapshot, block_network, env, fork, restore_mode=None) -> dict:
     if isinstance(cpu, tuple):
         cpu, cpu_limit = cpu
     else:
@@ -47,7 +47,9 @@ def _config(cpu, memory, gpu, timeout, retries, min_containers, max_containers,
               (memory is None or int(memory) >= 16, "memory must be >= 16 MiB"),
               (timeout is None or timeout > 0, "timeout must be > 0 seconds"),
               (retries is None or 0 <= int(retries) <= 10, "retries must be 0..10"),
-              (min_containers is None or int(min_containers) >= 0, "min_containers must be >= 0")]
+              (min_containers is None or int(min_containers) >= 0, "min_containers must be >= 0"),
+              (restore_mode in (None, "auto", "eager", "lazy"),
+               "restore_mode must be 'auto', 'eager' or 'lazy'")]
     for ok, msg in checks:
         if not ok:
             raise InvalidError(msg)
@@ -55,7 +57,8 @@ def _config(cpu, memory, gpu, timeout, retries, min_containers, max_containers,
             "gpu": gpu, "timeout": float(timeout or 300), "retries": int(retries or 0),
             "min_containers": int(min_containers or 0), "max_containers": max_containers,
             "scaledown_window": float(scaledown_window or 60), "snapshot": bool(snapshot),
-            "block_network": bool(block_network), "env": dict(env or {}), "fork": bool(fork)}
+            "block_network": bool(block_network), "env": dict(env or {}), "fork": bool(fork),
+            **({"restore_mode": restore_mode} if restore_mode not in (None, "auto") else {})}
 
 
 class App:
@@ -78,11 +81,13 @@ class App:
                  max_containers: int | None = None, scaledown_window: float | None = None,
                  container_idle_timeout: float | None = None, snapshot: bool = False,
                  enable_memory_snapshot: bool = False, block_network: bool = False,
-                 env: dict | None = None, fork: bool = False, name: str | None = None):
+                 env: dict | None = None, fork: bool = False, name: str | None = None,
+                 restore_mode: str | None = None):
         cfg = _config(cpu, memory, gpu, timeout, retries,
                       min_containers if min_containers is not None else keep_warm,
                       max_containers, scaledown_window or container_idle_timeout,
-                      snapshot or enable_memory_snapshot, block_network, env, fork)
+                      snapshot or enable_memory_snapshot, block_network, env, fork,
+                      restore_mode)
 
         def deco(f):
             if isinstance(f, Function):
@@ -107,7 +112,8 @@ class App:
                       options.get("timeout"), options.get("retries"),
                       options.get("min_containers", keep), options.get("max_containers"),
                       options.get("scaledown_window", idle), snap, options.get("block_network"),
-                      options.get("env"), options.get("fork", False))
+                      options.get("env"), options.get("fork", False),
+                      options.get("restore_mode"))
 
         def deco(c):
             if not inspect.isclass(c):
@@ -145,7 +151,9 @@ class App:
         built: dict[int, str] = {}
         groups: dict[Any, list[Function]] = {}
         for fn in self.registered_functions.values():
-            groups.setdefault(fn._cls or fn.raw_f, []).append(fn)
+            # a class's methods share one container pool; each decorated function is its
+            # own (the same raw function decorated twice with other options is two).
+            groups.setdefault(fn._cls if fn._cls is not None else id(fn), []).append(fn)
         ids = {}
         for target, fns in groups.items():
             head = fns[0]

@@ -120,6 +120,7 @@ class Function:
 
     def remote(self, *args, **kwargs):
         """Run in a container and return the result (re-raising a remote exception)."""
+        self.last_call = None
         state = self._submit(args, kwargs, wait=LONG_POLL)
         fc = FunctionCall(state["call_id"], self.app._client())
         fc._logs_after = _print_logs(state.get("logs", []))

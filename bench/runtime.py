@@ -1,0 +1,257 @@
+"""Talking to the runtime the benchmark measures: the dispatcher (through the SDK's
+client), its node(s), and optionally a private runtime started for the run."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from sdk.client import Client, default_client, reset_default_client
+from sdk.exception import Error, NodeUnavailableError
+
+TRANSIENT_MARKS = ("cannot reach the runtimed dispatcher", "closed the build stream",
+                   "the node running the call was lost")
+
+
+def transient(e: BaseException) -> bool:
+    """The runtime went away or restarted under us (other people share it)."""
+    return isinstance(e, NodeUnavailableError) or (
+        isinstance(e, Error) and any(m in str(e) for m in TRANSIENT_MARKS))
+
+REPO = Path(__file__).resolve().parents[1]
+CRIU = os.environ.get("RUNTIMED_CRIU", "/opt/runtimed/criu/criu")
+
+
+class Runtime:
+    """The dispatcher and its node(s) as the benchmark needs them."""
+
+    def __init__(self, client: Client | None = None):
+        self.client = client or default_client()
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    def wait_ready(self, timeout: float = 120.0) -> bool:
+        """Until the dispatcher answers with a live node (after a restart of the runtime)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.nodes():
+                    return True
+            except Error:
+                pass
+            time.sleep(0.5)
+        return False
+
+    def retrying(self, f, *args, attempts: int = 3, on_retry=None):
+        """f(*args), retried after the runtime comes back if it was unreachable."""
+        for i in range(attempts):
+            try:
+                return f(*args)
+            except Exception as e:  # noqa: BLE001
+                if i == attempts - 1 or not transient(e):
+                    raise
+                if on_retry:
+                    on_retry(e)
+                self.wait_ready()
+
+    def nodes(self) -> list[dict]:
+        return [n for n in self.client.json("GET", "/v1/nodes")["nodes"] if n.get("alive")]
+
+    def node_clients(self) -> list[tuple[str, Client]]:
+        return [(n["node_id"], Client(n["url"], self.client.token)) for n in self.nodes()]
+
+    def drain(self, function_id: str, settle_s: float = 0.0) -> int:
+        """Stop the function's idle containers, so its next call starts a container."""
+        n = int(self.client.json("POST", f"/v1/functions/{function_id}/drain", {})
+                .get("stopped", 0))
+        if settle_s > 0:
+            time.sleep(settle_s)       # let the evicted container's teardown finish
+        return n
+
+    def containers(self) -> list[dict]:
+        return self.client.json("GET", "/v1/containers")["containers"]
+
+    def rss_bytes(self, container_id: str | None) -> int | None:
+        if not container_id:
+            return None
+        for c in self.containers():
+            if c.get("id") == container_id:
+                return c.get("rss_bytes")
+        return None
+
+    def snapshots(self, function_id: str | None = None) -> list[dict]:
+        """Snapshots on every live node (GET /v1/snapshots), newest first."""
+        out = []
+        for node_id, nc in self.node_clients():
+            try:
+                snaps = nc.json("GET", "/v1/snapshots")["snapshots"]
+            except Error:
+                continue
+            out += [dict(s, node_id=node_id) for s in snaps
+                    if function_id is None or s.get("function_id") == function_id]
+        return sorted(out, key=lambda s: s.get("created_at", 0), reverse=True)
+
+    def delete_snapshots(self, function_id: str) -> list[str]:
+        """Remove the function's snapshots (only ever called for the bench's own)."""
+        removed = []
+        for _node, nc in self.node_clients():
+            try:
+                snaps = nc.json("GET", "/v1/snapshots")["snapshots"]
+            except Error:
+                continue
+            for s in snaps:
+                if s.get("function_id") == function_id:
+                    try:
+                        nc.json("DELETE", f"/v1/snapshots/{s['snapshot_id']}")
+                        removed.append(s["snapshot_id"])
+                    except Error:
+                        pass
+        return removed
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return (p.stdout or p.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable ({e.__class__.__name__})"
+
+
+def gpu_present() -> tuple[bool, str]:
+    devs = sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
+    if devs and shutil.which("nvidia-smi"):
+        return True, _run(["nvidia-smi", "--query-gpu=name,driver_version",
+                           "--format=csv,noheader"])
+    return False, "no NVIDIA GPU on this machine (no /dev/nvidia* or nvidia-smi)"
+
+
+def environment(rt: Runtime | None = None) -> dict:
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        mem = None
+    has_gpu, gpu = gpu_present()
+    env = {"kernel": platform.release(), "cpu_model": cpu, "nproc": os.cpu_count(),
+           "memory_bytes": mem, "python": platform.python_version(),
+           "criu": _run([CRIU, "--version"]).splitlines()[0] if os.path.exists(CRIU)
+           else "not installed",
+           "runc": _run(["runc", "--version"]).splitlines()[0],
+           "git_commit": _run(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
+           "gpu": gpu if has_gpu else None,
+           "loadavg": [round(x, 2) for x in os.getloadavg()],
+           "hostname": socket.gethostname(),
+           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if rt is not None:
+        env["runtime_url"] = rt.url
+        try:
+            env["nodes"] = [{k: n.get(k) for k in ("node_id", "cpu", "memory_mb")}
+                            for n in rt.nodes()]
+        except Error as e:
+            env["nodes"] = f"unavailable: {e}"
+    return env
+
+
+def _free_port_pair() -> int:
+    """A port P with P and P+1 free (`runtimectl up --port P` puts the node on P+1)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports")
+
+
+def _mounts_under(prefix: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [ln.split()[4] for ln in f if ln.split()[4].startswith(prefix.rstrip("/") + "/")]
+
+
+@contextlib.contextmanager
+def private_runtime(port: int | None = None, startup_timeout: float = 120.0) -> Iterator[str]:
+    """`python -m runtimed.cli up --port P` with a fresh RUNTIMED_STATE; the SDK's default
+    client points at it inside the block; SIGTERM (then SIGKILL) to its process group
+    (its own session, started here) at the end. Image layers are rebuilt in a fresh state
+    dir, so the first builds are slow."""
+    state = Path(tempfile.mkdtemp(prefix="bench-runtimed-"))
+    port = port or _free_port_pair()
+    env = dict(os.environ, RUNTIMED_STATE=str(state))
+    env.pop("RUNTIMED_TOKEN", None)
+    env.pop("RUNTIMED_URL", None)
+    logf = open(state / "bench-up.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "runtimed.cli", "up", "--port", str(port)],
+                            cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    saved = {k: os.environ.get(k) for k in ("RUNTIMED_URL", "RUNTIMED_TOKEN")}
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        token_file = state / "token"
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the private runtime exited ({proc.returncode}); "
+                                   f"see {state / 'bench-up.log'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the private runtime did not get a live node in "
+                                   f"{startup_timeout:.0f} s; see {state / 'bench-up.log'}")
+            if token_file.exists():
+                try:
+                    c = Client(url, token_file.read_text().strip())
+                    if any(n.get("alive") for n in c.json("GET", "/v1/nodes", retries=0)["nodes"]):
+                        break
+                except Error:
+                    pass
+            time.sleep(0.3)
+        os.environ["RUNTIMED_URL"] = url
+        os.environ["RUNTIMED_TOKEN"] = token_file.read_text().strip()
+        reset_default_client()
+        print(f"[bench] private runtime on {url} (state {state})", file=sys.stderr)
+        yield url
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_default_client()
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=40)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        logf.close()
+        left = _mounts_under(str(state))
+        if left:
+            print(f"[bench] the private runtime left {len(left)} mounts under {state}; "
+                  "state dir kept", file=sys.stderr)
+        else:
+            shutil.rmtree(state, ignore_errors=True)
