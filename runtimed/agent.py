@@ -214,6 +214,8 @@ def main() -> None:
             return
         if frame.op == "init":
             t0 = time.perf_counter()
+            for k, v in (frame.get("env") or {}).items():
+                os.environ[k] = v          # e.g. CUDA_VISIBLE_DEVICES, before user code runs
             try:
                 if frame.get("workdir"):
                     sys.path.insert(0, frame.get("workdir"))

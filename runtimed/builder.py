@@ -11,7 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 from sdk.exception import ImageBuildError, InvalidError, NotFoundError
 
@@ -78,6 +78,8 @@ class Builder:
         self.ctx, self.layers, self.blobs, self.work = ctx, layers, blobs, work
         self._locks: dict[str, asyncio.Lock] = {}
         self.pip_binds, self.pip_env = host_pip_setup()
+        # set by the node: async (key, lazy info) -> True once the layer is lazily mounted
+        self.lazy_policy: Callable[[str, dict], Awaitable[bool]] | None = None
 
     async def ensure(self, image: dict, emit: Emit, *, build: bool = True) -> list[dict]:
         """Make every layer of `image` local: cached, pulled, or built. Returns a step report."""
@@ -85,6 +87,7 @@ class Builder:
         if not steps or steps[0].kind != "base" or steps[0].key != BASE_KEY:
             raise InvalidError("an image must start from the debian_slim() base")
         archives = dict(image.get("archives") or {})
+        lazy_layers = dict(image.get("lazy_layers") or {})
         report, below, forcing = [], [], False
         for i, step in enumerate(steps):
             if step.kind == "meta":
@@ -93,14 +96,16 @@ class Builder:
             forcing = forcing or step.force
             async with self._locks.setdefault(step.key, asyncio.Lock()):
                 status = await self._ensure_step(i, step, below, emit, build, forcing,
-                                                 archives.get(step.key, ""))
+                                                 archives.get(step.key, ""),
+                                                 lazy_layers.get(step.key))
             self.layers.hit(step.key)
             below.append(self.layers.fs(step.key))
             report.append({"index": i, "desc": step.desc, "status": status, "key": step.key})
         return report
 
     async def _ensure_step(self, i: int, step: Step, below: list[Path], emit: Emit,
-                           build: bool, forcing: bool, known_archive: str) -> str:
+                           build: bool, forcing: bool, known_archive: str,
+                           lazy: dict | None = None) -> str:
         def say(status: str) -> None:
             emit({"type": "step", "index": i, "desc": step.desc, "status": status,
                   "key": step.key[:16]})
@@ -114,6 +119,10 @@ class Builder:
         if self.layers.has(step.key) and not forcing:
             say("cached")
             return "cached"
+        if not build and lazy and self.lazy_policy and await self.lazy_policy(step.key, lazy):
+            # Not on this node: mount it lazily now, pull it fully in the background.
+            say("lazy")
+            return "lazy"
         digest = step.blob if step.kind == "files" else (
             known_archive or self._archive_digest(step.key))
         if digest and not forcing:
@@ -173,12 +182,35 @@ class Builder:
         upper = c.dir / "upper"
         loop = asyncio.get_running_loop()
         tmp_archive = self.work / f"{step.key[:16]}.tar.zst.tmp"
-        packed = await loop.run_in_executor(None, archive.pack_layer, upper, tmp_archive)
+        # tar.zst (the node-to-node full pull) and eStargz (lazy mounts) of the same layer,
+        # converted concurrently.
+        tmp_estargz = self.work / f"{step.key[:16]}.estargz.tmp"
+        packed_fut = loop.run_in_executor(None, archive.pack_layer, upper, tmp_archive)
+        lazy_fut = loop.run_in_executor(None, _write_estargz, upper, tmp_estargz)
+        packed = await packed_fut
+        lazy = await lazy_fut
         await self.blobs.put_file(tmp_archive, packed.digest)
         os.unlink(tmp_archive)
+        lazy_info = {}
+        if lazy is not None:
+            await self.blobs.put_file(tmp_estargz, lazy.digest.split(":")[-1])
+            lazy_info = {"estargz_digest": lazy.digest, "toc_digest": lazy.toc_digest,
+                         "estargz_size": lazy.size}
+        tmp_estargz.unlink(missing_ok=True)
         (self.work / "refs").mkdir(parents=True, exist_ok=True)
         (self.work / "refs" / step.key).write_text(packed.digest)
         self.layers.adopt_dir(step.key, upper, "built")
         shutil.rmtree(c.dir, ignore_errors=True)
         emit({"type": "layer", "key": step.key, "digest": packed.digest, "size": packed.size,
-              "raw_size": packed.raw_size})
+              "raw_size": packed.raw_size, **lazy_info})
+
+
+def _write_estargz(upper: Path, out: Path):
+    """eStargz of a layer for lazy mounts; None (logged) if this layer cannot be one."""
+    try:
+        import lazyfs
+        return lazyfs.write_layer(upper, out)
+    except Exception as e:  # noqa: BLE001 - lazy images are an optimization
+        import logging
+        logging.getLogger(__name__).warning("no eStargz for %s: %s", upper, e)
+        return None

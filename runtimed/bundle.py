@@ -53,6 +53,7 @@ class ContainerSpec:
     capabilities: tuple[str, ...] = DEFAULT_CAPS
     devices: tuple[str, ...] = ()  # extra host device nodes (GPUs), by path
     annotations: tuple[tuple[str, str], ...] = ()
+    device_rules: tuple[dict, ...] = ()   # cgroup allow rules for assigned GPUs
     # Masked *directories* become read-only binds of this empty dir instead of runc's
     # tmpfs: CRIU restores every tmpfs by running tar (~5 ms each), binds are external.
     mask_dir_source: str | None = None
@@ -90,7 +91,7 @@ def _resources(spec: ContainerSpec) -> dict:
     res: dict = {"devices": [{"allow": False, "access": "rwm"}] + [
         {"allow": True, "type": t, "major": ma, "minor": mi, "access": "rwm"}
         for t, ma, mi in _DEFAULT_DEVICES
-    ], "pids": {"limit": spec.pids_limit}}
+    ] + list(spec.device_rules), "pids": {"limit": spec.pids_limit}}
     if spec.memory_mb:
         limit = spec.memory_mb * 1024 * 1024
         res["memory"] = {"limit": limit, "swap": limit}

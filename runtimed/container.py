@@ -21,12 +21,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from sdk.exception import ContainerCrashError, ExecutionError, FunctionTimeoutError, OOMError
 
 from . import archive, bundle, cgroups, protocol, rootfs
 from .netns import NetnsHandle, NetworkManager
+
+if TYPE_CHECKING:
+    from cuda_restore.assign import GpuAssignment
 from .runc import Runc
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ class ContainerConfig:
     args: tuple[str, ...] = AGENT_ARGS
     binds: tuple[bundle.BindMount, ...] = ()
     keep_upper: bool = False          # image builds keep the upper dir as the new layer
+    gpu: "GpuAssignment | None" = None  # GPUs bound late: device nodes injected before user code
 
 
 @dataclass
@@ -190,6 +194,7 @@ class Container:
             cwd=self.cfg.workdir or "/", hostname=self.id[:63], cpu=self.cfg.cpu, cpu_limit=self.cfg.cpu_limit,
             memory_mb=self.cfg.memory_mb, netns_path=self.netns.path if self.netns else None,
             binds=tuple(binds), mask_dir_source=self.ctx.empty_dir,
+            device_rules=tuple(self.cfg.gpu.cgroup_rules()) if self.cfg.gpu else (),
             annotations=(("org.criu.config", self.ctx.criu_config),) if self.ctx.criu_config else ())
 
     async def _spawn(self, restore: "RestoreSource | None" = None) -> None:
@@ -348,7 +353,10 @@ class Container:
         t = time.perf_counter()
         self._sink = sink
         try:
-            await self._send("init", function_blob, workdir=self.cfg.workdir, snapshot=snapshot)
+            if not snapshot:
+                await self.attach_gpus()
+            await self._send("init", function_blob, workdir=self.cfg.workdir, snapshot=snapshot,
+                             env=self._identity() if not snapshot else {})
             frame = await self._reply(timeout)
             if frame.op == "snap_point":
                 t = self.spans.add("agent_snap_point", t)
@@ -356,6 +364,7 @@ class Container:
                 if on_snap_point is not None:
                     await on_snap_point(self)
                     t = time.perf_counter()
+                await self.attach_gpus()
                 await self._send("resume", seed=_seed(), env=self._identity())
                 frame = await self._reply(timeout)
         except asyncio.TimeoutError:
@@ -377,11 +386,26 @@ class Container:
         self.spans.items["enter"] = round(float(frame.get("enter_ms", 0)), 3)
 
     def _identity(self) -> dict:
-        return {"RUNTIMED_CONTAINER_ID": self.id}
+        env = {"RUNTIMED_CONTAINER_ID": self.id}
+        if self.cfg.gpu is not None:
+            env.update(self.cfg.gpu.visible_env())
+        return env
+
+    async def attach_gpus(self) -> None:
+        """Create the assigned /dev/nvidia* nodes in the running (or restored) container,
+        and drop any a snapshot brought back: GPUs are bound as late as possible."""
+        if self.cfg.gpu is None or not self.pid:
+            return
+        from cuda_restore.assign import inject_device_nodes
+        t = time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(
+            None, inject_device_nodes, f"/proc/{self.pid}/root", self.cfg.gpu.devices)
+        self.spans.add("gpu_attach", t)
 
     async def resume(self, *, timeout: float = 60.0) -> dict:
         """A restored agent waits at the snapshot point: reseed it and run `@enter()` hooks."""
         t = time.perf_counter()
+        await self.attach_gpus()
         await self._send("resume", seed=_seed(), env=self._identity())
         try:
             frame = await self._reply(timeout)

@@ -26,6 +26,7 @@ class LayerStore:
         root.mkdir(parents=True, exist_ok=True)
         self._hits: dict[str, int] = {}
         self._full_key: dict[str, str] = {}
+        self.lazy: dict = {}            # layer key -> lazyfs MountHandle
         for d in root.iterdir():
             if (d / "key").exists():
                 self._full_key[d.name] = (d / "key").read_text().strip()
@@ -46,8 +47,13 @@ class LayerStore:
         self._hits[key[:16]] = self._hits.get(key[:16], 0) + 1
 
     def fs(self, key: str) -> Path:
-        """The directory to use as an overlay lower dir."""
-        return self.base_rootfs if key == BASE_KEY else self.path(key) / "fs"
+        """The directory to use as an overlay lower dir: the local copy when complete, else
+        the layer's lazy (FUSE) mount while the full pull is under way."""
+        if key == BASE_KEY:
+            return self.base_rootfs
+        if key in self.lazy and not self.has(key):
+            return Path(self.lazy[key].mountpoint)
+        return self.path(key) / "fs"
 
     def adopt_dir(self, key: str, upper: Path, source: str = "built") -> Path:
         """Move a finished build's upper dir in as layer `key` (atomic rename)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import psutil
 from sdk.exception import (ContainerCrashError, Error, ExecutionError, InvalidError,
                            NodeUnavailableError, NotFoundError, SnapshotError)
 
-from . import agentfs, criu_env, rootfs
+from . import agentfs, bundle, criu_env, rootfs
 from .blobs import BlobSource
 from .builder import Builder, layer_keys
 from .config import Paths
@@ -58,6 +59,9 @@ class Node:
         self.reserved_mb = 0
         self._mem_cond = asyncio.Condition()
         self.started_at = time.time()
+        self.gpus = NodeGpus(self.dir / "gpu")
+        self._lazy_locks: dict[str, asyncio.Lock] = {}
+        self._bg: set[asyncio.Task] = set()
         self.token: str | None = None          # for pulling snapshots from peer nodes
         self._snapshot_peers: dict[str, list[str]] = {}   # function id -> peer node URLs
         self.stats = {"calls": 0, "cold": 0, "warm": 0, "restore": 0, "errors": 0,
@@ -81,7 +85,9 @@ class Node:
         self.ctx = NodeContext(self.runc, self.network, self.dir / "c", agent_dir,
                                empty_dir=str(empty))
         self.builder = Builder(self.ctx, self.layers, self.blobs, self.dir / "b")
+        self.builder.lazy_policy = self._lazy_mount
         self.network.refill_async()
+        await asyncio.get_running_loop().run_in_executor(None, self.gpus.start)
 
     async def _cleanup_stale(self) -> None:
         """A previous daemon may have died (kill -9): remove its containers, mounts, netns."""
@@ -96,6 +102,9 @@ class Node:
                 await self.runc.delete(cid)
         for cid in mine:
             rootfs.teardown(cdir / cid)
+        for mp in (self.dir / "lz").glob("*") if (self.dir / "lz").exists() else []:
+            if mp.is_dir() and os.path.ismount(mp):    # a lazy mount whose server died with us
+                rootfs.umount(str(mp))
         self.layers.cleanup_tmp()
         n = self.network.cleanup_stale()
         if mine or n:
@@ -105,6 +114,12 @@ class Node:
         for pool in list(self.pools.values()):
             await pool.close()
         self.pools.clear()
+        for key, h in list(self.layers.lazy.items()):
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, h.unmount)
+            except Exception as e:  # noqa: BLE001
+                log.warning("unmount of lazy layer %s: %s", key[:16], e)
+        self.layers.lazy.clear()
         await asyncio.get_running_loop().run_in_executor(None, self.network.drain)
 
     # -- images ------------------------------------------------------------------------------
@@ -217,6 +232,12 @@ class Node:
         t_image = (time.perf_counter() - t0) * 1000
         memory = int(fn.get("memory") or 128)
         await self._reserve(memory, fn["id"])
+        cid = new_id("ctr", 6)
+        try:
+            gpu = await self.gpus.reserve(fn, cid)
+        except BaseException:
+            await self._release(memory)
+            raise
         cfg = ContainerConfig(
             layers=tuple(self.layers.fs(k) for k in layer_keys(image)),
             env=tuple(sorted((image.get("env") or {}).items())) + tuple(
@@ -224,16 +245,25 @@ class Node:
             workdir=image.get("workdir") or "/",
             cpu=float(fn.get("cpu") or 0.125), cpu_limit=float(fn.get("cpu_limit") or 0),
             memory_mb=memory, network=not fn.get("block_network", False))
+        if gpu is not None:
+            cfg = dataclasses.replace(
+                cfg, gpu=gpu, env=cfg.env + gpu.start_env((image.get("env") or {}).get(
+                    "LD_LIBRARY_PATH", "")),
+                binds=cfg.binds + tuple(bundle.BindMount(src, dst, ro)
+                                        for src, dst, ro in gpu.binds()))
         try:
-            c = await self._start_container(fn, cfg, blob_path)
+            c = await self._start_container(fn, cfg, blob_path, cid)
         except BaseException:
             await self._release(memory)
+            await self.gpus.release(cid)
             raise
+        c.on_destroy.append(lambda: self.gpus.release(cid))
         c.spans.items["image"] = round(t_image, 3)
         c.on_destroy.append(lambda: self._release(memory))
         return c
 
-    async def _start_container(self, fn: dict, cfg: ContainerConfig, blob_path: Path) -> Container:
+    async def _start_container(self, fn: dict, cfg: ContainerConfig, blob_path: Path,
+                               cid: str | None = None) -> Container:
         """Restore the function's snapshot if this node has a usable one, else cold start
         (taking the snapshot at the snapshot point when the function asks for one)."""
         note = ""
@@ -242,7 +272,7 @@ class Node:
             if found.manifest is not None:
                 sid = found.manifest.snapshot_id
                 try:
-                    return await self._restore(fn, cfg, found.manifest)
+                    return await self._restore(fn, cfg, found.manifest, cid)
                 except Exception as e:  # noqa: BLE001 - any failure: cold start instead
                     note = f"restore of {sid} failed, cold start used: {e}"
                     log.warning("%s", note)
@@ -261,7 +291,7 @@ class Node:
                     m, stats, peer = await self.snapshots.pull_from_peers(
                         fn["id"], self._snapshot_peers[fn["id"]], self.token)
                     pull_ms = (time.perf_counter() - t) * 1000
-                    c = await self._restore(fn, cfg, m)
+                    c = await self._restore(fn, cfg, m, cid)
                     c.spans.items["snapshot_pull"] = round(pull_ms, 3)
                     c.tier = "restore_peer"
                     c.snapshot_note += (f"; pulled from {peer}: {stats.chunks_fetched} chunks "
@@ -284,7 +314,7 @@ class Node:
                 note = (note + "; " if note else "") + f"no snapshot: {e}"
                 log.warning("snapshot of %s failed: %s", fn.get("name"), e)
 
-        c = Container(new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
+        c = Container(cid or new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
         try:
             await c.start()
             await c.init(blob_path.read_bytes(), timeout=float(fn.get("startup_timeout") or 300),
@@ -296,9 +326,10 @@ class Node:
         c.snapshot_note = note
         return c
 
-    async def _restore(self, fn: dict, cfg: ContainerConfig, manifest) -> Container:
+    async def _restore(self, fn: dict, cfg: ContainerConfig, manifest,
+                       cid: str | None = None) -> Container:
         assert self.ctx is not None
-        c = Container(new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
+        c = Container(cid or new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
         sid = manifest.snapshot_id
         mode = self.snapshots.choose_mode(sid, fn.get("restore_mode"))
         try:
@@ -314,6 +345,48 @@ class Node:
         c.snapshot_note = f"restored {sid} ({mode})"
         c.tier = "restore" if mode == "eager" else "restore_lazy"
         return c
+
+    # -- lazy images ---------------------------------------------------------------------------
+    async def _lazy_mount(self, key: str, info: dict) -> bool:
+        """Policy: a layer this node lacks is mounted lazily (eStargz over FUSE, fetched by
+        range on first read) so the container starts now; the full layer is pulled in the
+        background and later containers use the local copy. False: pull it fully first."""
+        if os.environ.get("RUNTIMED_LAZY_IMAGES", "1") == "0" or not self.token \
+                or not info.get("estargz_digest") or not hasattr(self.blobs, "base_url"):
+            return False
+        if key in self.layers.lazy:
+            return True
+        async with self._lazy_locks.setdefault(key, asyncio.Lock()):
+            if key in self.layers.lazy:
+                return True
+            import lazyfs
+            mp = self.dir / "lz" / key[:16]
+            mp.mkdir(parents=True, exist_ok=True)
+            try:
+                h = await asyncio.get_running_loop().run_in_executor(None, lambda: lazyfs.mount_layer(
+                    mp, digest=info["estargz_digest"], dispatcher_url=self.blobs.base_url,
+                    token=self.token, toc_digest=info.get("toc_digest"),
+                    size=info.get("estargz_size"), cache_dir=str(self.dir / "lazy-cache"),
+                    record_path=str(self.dir / "lz" / f"{key[:16]}.access.json"),
+                    status_path=str(self.dir / "lz" / f"{key[:16]}.status.json")))
+            except Exception as e:  # noqa: BLE001 - fall back to a full pull
+                log.warning("lazy mount of layer %s failed, pulling it fully: %s", key[:16], e)
+                return False
+            self.layers.lazy[key] = h
+            if info.get("archive"):
+                t = asyncio.create_task(self._pull_full(key, info["archive"]))
+                self._bg.add(t)
+                t.add_done_callback(self._bg.discard)
+            return True
+
+    async def _pull_full(self, key: str, archive_digest: str) -> None:
+        try:
+            path = await self.blobs.fetch(archive_digest)
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.layers.adopt_archive, key, path)
+            log.info("layer %s is now local (was lazy)", key[:16])
+        except Exception as e:  # noqa: BLE001 - the lazy mount keeps serving
+            log.warning("background pull of layer %s failed: %s", key[:16], e)
 
     async def _reserve(self, mb: int, for_fn: str) -> None:
         if mb > self.memory_budget_mb:
@@ -348,7 +421,9 @@ class Node:
     # -- introspection -------------------------------------------------------------------------
     def holdings(self) -> dict:
         """What placement needs to know about this node (sent with every heartbeat)."""
-        return {"snapshots": self.snapshots.keys(),
+        return {"snapshots": self.snapshots.keys(), "gpus": self.gpus.wire(),
+                "gpu": self.gpus.inventory.to_wire(),
+                "gpu_allocations": self.gpus.ledger.to_wire(),
                 "layers": [li.key for li in self.layers.list_keys()],
                 "warm": {k: p.idle for k, p in self.pools.items()}}
 
@@ -358,11 +433,16 @@ class Node:
             "node_id": self.node_id, "name": self.name, "started_at": self.started_at,
             "memory_budget_mb": self.memory_budget_mb, "reserved_mb": self.reserved_mb,
             "cpu_count": os.cpu_count(), "containers": containers,
+            "gpus": self.gpus.wire(), "gpu_allocations": self.gpus.ledger.to_wire(),
             "pools": {k: {"live": p.live, "idle": p.idle, "queued": len(p.queue)}
                       for k, p in self.pools.items()},
             "active_calls": list(self.active.values()), "stats": dict(self.stats),
-            "layers": [{"key": li.key, "size": li.size, "source": li.source, "hits": li.hits}
-                       for li in self.layers.list()],
+            "layers": [{"key": li.key, "size": li.size, "source": li.source, "hits": li.hits,
+                        "state": "local"} for li in self.layers.list()] + [
+                {"key": k[:16], "state": "lazy", "source": "estargz",
+                 "bytes_fetched": h.status().get("bytes_received"),
+                 "fetched_chunks": h.status().get("fetched_chunks")}
+                for k, h in self.layers.lazy.items() if not self.layers.has(k)],
         }
 
 
@@ -391,6 +471,69 @@ def _cfg_from_wire(d: dict) -> ContainerConfig:
 def snapshot_meta(fn: dict, cfg: ContainerConfig) -> dict[str, str]:
     return {"function_name": str(fn.get("name", "")),
             "container_config": json.dumps(_cfg_wire(cfg))}
+
+
+class NodeGpus:
+    """This node's GPUs: NVML inventory, driver libraries staged for containers, and the
+    ledger of which container holds which GPU (cuda_restore does the planning)."""
+
+    def __init__(self, root: Path):
+        from cuda_restore.inventory import GpuProbe, NodeGpuInventory
+        from cuda_restore.scheduler import GpuLedger
+        self.root = root
+        self.probe = GpuProbe()
+        self.inventory = NodeGpuInventory.empty("not read yet")
+        self.ledger = GpuLedger()
+        self.driver_dir: str | None = None
+        self._cond = asyncio.Condition()
+
+    def start(self) -> None:
+        from cuda_restore import assign
+        from cuda_restore.errors import GpuAssignError
+        self.inventory = self.probe.read()
+        if self.inventory.gpus:
+            try:
+                libs = assign.driver_libraries(assign.parse_ldconfig(assign.run_ldconfig()))
+                self.driver_dir = str(assign.stage_driver_dir(assign.plan_driver_dir(libs),
+                                                              self.root))
+            except GpuAssignError as e:
+                log.warning("GPU driver libraries unusable, serving CPU functions only: %s", e)
+                self.inventory = type(self.inventory).empty(str(e))
+        log.info("GPUs: %s", self.inventory.summary())
+
+    def wire(self) -> list:
+        return self.inventory.to_wire().get("gpus", []) if self.inventory.gpus else []
+
+    async def reserve(self, fn: dict, cid: str, timeout: float = 120.0):
+        """GPUs for a new container of `fn` (None when it asks for none)."""
+        from cuda_restore.assign import plan_assignment
+        from cuda_restore.errors import NoCapacityError
+        from cuda_restore.request import parse_gpu_request
+        from cuda_restore.scheduler import place
+        req = parse_gpu_request(fn.get("gpu"))
+        if req is None:
+            return None
+        deadline = time.monotonic() + timeout
+        async with self._cond:
+            while True:
+                try:   # GpuUnsatisfiableError (never fits here) propagates as InvalidError
+                    p = place(req, {"local": self.inventory}, self.ledger,
+                              allow_preemption=False)
+                    self.ledger.allocate(cid, p, owner=cid)
+                    return plan_assignment(self.inventory, p.gpus, driver_dir=self.driver_dir)
+                except NoCapacityError:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise
+                    try:
+                        await asyncio.wait_for(self._cond.wait(), min(left, 1.0))
+                    except asyncio.TimeoutError:
+                        pass
+
+    async def release(self, cid: str) -> None:
+        async with self._cond:
+            if self.ledger.release(cid) is not None:
+                self._cond.notify_all()
 
 
 class SnapshotAdmin:

@@ -28,6 +28,8 @@ class NodeView:
     snapshots: frozenset = frozenset()    # function ids with a snapshot on the node
     layers: frozenset = frozenset()       # layer keys on the node
     gpus: int = 0
+    gpu_inventory: dict | None = None     # cuda_restore NodeGpuInventory wire form
+    gpu_allocations: tuple = ()           # cuda_restore Allocation wire dicts
 
     def fits(self, memory_mb: int) -> bool:
         return self.reserved_mb + memory_mb <= self.memory_mb
@@ -59,10 +61,50 @@ def _tier(n: NodeView, fn_id: str, layer_keys: frozenset) -> int:
     return 3
 
 
+def gpu_capable(nodes: list[NodeView], gpu_spec) -> tuple[list[NodeView], bool]:
+    """Nodes whose GPUs can take `gpu_spec` now, and whether any node could ever take it.
+    Raises cuda_restore's GpuUnsatisfiableError (an InvalidError) when no node ever can."""
+    from cuda_restore.errors import GpuUnsatisfiableError, NoCapacityError
+    from cuda_restore.inventory import NodeGpuInventory
+    from cuda_restore.request import parse_gpu_request
+    from cuda_restore.scheduler import Allocation, GpuLedger
+    from cuda_restore.scheduler import place as gpu_place
+    req = parse_gpu_request(gpu_spec)
+    if req is None:
+        return nodes, True
+    now, ever = [], False
+    unsatisfiable: GpuUnsatisfiableError | None = None
+    for n in nodes:
+        inv = NodeGpuInventory.from_wire(n.gpu_inventory) if n.gpu_inventory else None
+        if inv is None or not inv.gpus:
+            continue
+        ledger = GpuLedger()
+        ledger.replace_node(n.node_id, [Allocation.from_wire(dict(a, node_id=n.node_id))
+                                        for a in n.gpu_allocations])
+        try:
+            gpu_place(req, {n.node_id: inv}, ledger, allow_preemption=False)
+            now.append(n)
+            ever = True
+        except NoCapacityError:
+            ever = True
+        except GpuUnsatisfiableError as e:
+            unsatisfiable = e
+    if not ever:
+        raise unsatisfiable or GpuUnsatisfiableError(
+            f"no node has a GPU for gpu={gpu_spec!r} (nodes: "
+            + ", ".join(n.node_id + (" no GPUs" if not n.gpus else "") for n in nodes) + ")")
+    return now, ever
+
+
 def place(nodes: list[NodeView], fn_id: str, layer_keys: list[str], memory_mb: int,
-          policy: str = "affinity", rng: random.Random | None = None) -> Placement:
+          policy: str = "affinity", rng: random.Random | None = None,
+          gpu: object = None) -> Placement:
     if not nodes:
         return Placement(None, "no_nodes")
+    if gpu:
+        nodes, _ = gpu_capable(nodes, gpu)
+        if not nodes:
+            return Placement(None, "full", wait_reason="gpu")
     if policy == "random":
         fit = [n for n in nodes if n.fits(memory_mb)] or nodes
         return Placement((rng or random).choice(fit).node_id, "random", candidates=len(fit))

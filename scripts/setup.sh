@@ -16,7 +16,7 @@ log() { printf '[setup %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 [ "$(id -u)" = 0 ] || { echo "setup.sh must run as root" >&2; exit 1; }
 
 APT_PKGS=(runc iptables fuse3 libfuse3-dev pkg-config build-essential debootstrap
-          zstd iproute2 redis-server docker-registry skopeo)
+          zstd iproute2 redis-server docker-registry skopeo containerd stargz-snapshotter)
 
 apt_stamp="$CACHE/apt.$(echo "${APT_PKGS[*]}" | sha256sum | cut -c1-12)"
 if [ ! -e "$apt_stamp" ]; then
@@ -25,7 +25,7 @@ if [ ! -e "$apt_stamp" ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${APT_PKGS[@]}" >/dev/null
   # The Debian registry/redis packages start services we do not want; we start our own.
-  systemctl disable --now docker-registry redis-server >/dev/null 2>&1 || true
+  systemctl disable --now docker-registry redis-server containerd >/dev/null 2>&1 || true
   touch "$apt_stamp"
 fi
 

@@ -53,6 +53,9 @@ def _config(cpu, memory, gpu, timeout, retries, min_containers, max_containers,
     for ok, msg in checks:
         if not ok:
             raise InvalidError(msg)
+    if gpu is not None:
+        from cuda_restore.request import parse_gpu_request
+        parse_gpu_request(gpu)          # GpuRequestError (an InvalidError) names the problem
     return {"cpu": cpu or 0.125, "cpu_limit": cpu_limit or 0.0, "memory": int(memory or 128),
             "gpu": gpu, "timeout": float(timeout or 300), "retries": int(retries or 0),
             "min_containers": int(min_containers or 0), "max_containers": max_containers,

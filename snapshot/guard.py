@@ -102,21 +102,15 @@ def inet_sockets_dumpable(kernel: str, criu_version: str) -> bool:
 def find_blockers(procs: list[ProcView], *, inet_ok: bool = True) -> list[str]:
     """Human-readable reasons this process tree must not be checkpointed (empty: fine)."""
     reasons = []
+    from cuda_restore.guard import cuda_blockers
     for p in procs:
+        reasons.extend(cuda_blockers(p))
         if not inet_ok:
             for sock in p.inet_sockets:
                 reasons.append(f"pid {p.pid} holds an inet socket ({sock}): CRIU cannot "
                                "checkpoint TCP/UDP sockets on this host (Linux >= 6.16 with "
                                "CRIU < 4.2); open sockets in @enter() instead of before the "
                                "snapshot")
-        for fd in p.fds:
-            if fd.startswith("/dev/nvidia"):
-                reasons.append(f"pid {p.pid} has {fd} open (a CUDA context exists: checkpoint "
-                               "before CUDA init, or use cuda-checkpoint)")
-        for m in p.maps:
-            if "libcuda.so" in os.path.basename(m):
-                reasons.append(f"pid {p.pid} has {os.path.basename(m)} mapped (CUDA was "
-                               "initialized before the snapshot point)")
         for remote in p.tcp_established:
             ip = remote.rsplit(":", 1)[0]
             if not (ip.startswith("127.") or ip in ("0000000000000000FFFF00000100007F",

@@ -471,7 +471,7 @@ def test_runtimectl_views(runtime, deployed):
 
     r = runtime.cli("status")
     assert r.returncode == 0, r.stderr
-    assert "dispatcher up since" in r.stdout and "node-node0" in r.stdout
+    assert "up since" in r.stdout and "node-node0" in r.stdout
 
     r = runtime.cli("status", "--json")
     assert r.returncode == 0, r.stderr

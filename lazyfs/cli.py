@@ -1,0 +1,184 @@
+"""`python -m lazyfs convert|inspect|mount|unmount|push|serve`.
+
+    convert SRC_DIR OUT [--prioritized-from RECORD.json] [--prioritize PATH ...]
+            [--chunk-size N] [--skip-devices]
+    inspect (BLOB | --registry URL --name NAME --digest D) [--toc-digest D] [--verify]
+    mount MOUNTPOINT (--file BLOB | --registry URL --name NAME --digest D
+                      | --dispatcher URL --digest D [--token-file F])
+          [--toc-digest D] [--cache DIR] [--record F] [--status F] [--no-prefetch]
+    unmount MOUNTPOINT
+    push --registry URL --name NAME --tag TAG BLOB...      (eStargz blobs -> one image)
+    serve                                                  (internal: MountSpec JSON on stdin)
+
+Results are printed as JSON; errors as one line on stderr with exit status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import LazyFSError
+
+TOKEN_ENV = "LAZYFS_TOKEN"
+
+
+def _source_args(p: argparse.ArgumentParser, file_positional: bool) -> None:
+    if file_positional:
+        p.add_argument("blob", nargs="?", help="local eStargz blob")
+    else:
+        p.add_argument("--file", dest="blob", help="local eStargz blob")
+    p.add_argument("--registry", help="registry base URL, e.g. http://127.0.0.1:5000")
+    p.add_argument("--dispatcher", help="dispatcher base URL")
+    p.add_argument("--name", default="", help="repository name (registry)")
+    p.add_argument("--digest", default="", help="blob digest sha256:...")
+    p.add_argument("--token-file", help=f"bearer token file (or ${TOKEN_ENV})")
+    p.add_argument("--toc-digest", help="expected TOC digest (layer annotation)")
+
+
+def _source_spec(a: argparse.Namespace):
+    from .mount import SourceSpec
+    token = ""
+    if a.token_file:
+        token = Path(a.token_file).read_text().strip()
+    token = token or os.environ.get(TOKEN_ENV, "")
+    if a.registry:
+        return SourceSpec("registry", a.registry, digest=a.digest, name=a.name, token=token)
+    if a.dispatcher:
+        return SourceSpec("dispatcher", a.dispatcher, digest=a.digest, token=token)
+    if a.blob:
+        return SourceSpec("file", os.path.abspath(a.blob))
+    raise SystemExit("give a blob file, --registry or --dispatcher")
+
+
+def cmd_convert(a: argparse.Namespace) -> dict:
+    from .estargz import write_layer
+    from .view import load_recorded
+    prio = list(a.prioritize or [])
+    if a.prioritized_from:
+        prio = load_recorded(a.prioritized_from) + prio
+    b = write_layer(Path(a.src), Path(a.out), prioritized=prio, chunk_size=a.chunk_size,
+                    skip_devices=a.skip_devices)
+    return {"path": str(b.path), "digest": b.digest, "size": b.size, "diff_id": b.diff_id,
+            "toc_digest": b.toc_digest, "uncompressed_size": b.uncompressed_size,
+            "entries": b.entries, "prioritized": list(b.prioritized), "missing": list(b.missing),
+            "skipped": list(b.skipped)}
+
+
+def cmd_inspect(a: argparse.Namespace) -> dict:
+    from .mount import open_source
+    from .reader import open_estargz
+    src = open_source(_source_spec(a))
+    try:
+        blob = open_estargz(src, a.toc_digest)
+        out = {"source": src.describe(), "size": blob.size, "toc_offset": blob.toc_offset,
+               "toc_digest": blob.toc_digest, "toc_verified": bool(a.toc_digest),
+               "entries": len(blob.toc.entries), "inodes": len(blob.tree.nodes),
+               "chunks": len(blob.tree.chunks_in_order), "prefetch_end": blob.tree.prefetch_end,
+               "prioritized": list(blob.tree.prioritized)}
+        if a.verify:
+            out["verified_bytes"] = blob.verify_all()
+        if a.list:
+            out["files"] = sorted(blob.tree.paths)
+        out["fetched"] = src.stats()
+        return out
+    finally:
+        src.close()
+
+
+def cmd_mount(a: argparse.Namespace) -> dict:
+    from .mount import DEFAULT_CACHE, MountSpec, mount
+    spec = MountSpec(source=_source_spec(a), mountpoint=os.path.abspath(a.mountpoint),
+                     toc_digest=a.toc_digest, cache_dir=a.cache or DEFAULT_CACHE,
+                     record_path=a.record, status_path=a.status, prefetch=not a.no_prefetch)
+    h = mount(spec, log_path=a.log)
+    return {"mountpoint": h.mountpoint, "pid": h.proc.pid, "log": str(h.log_path)}
+
+
+def cmd_unmount(a: argparse.Namespace) -> dict:
+    from .mount import unmount
+    unmount(a.mountpoint)
+    return {"unmounted": os.path.abspath(a.mountpoint)}
+
+
+def cmd_push(a: argparse.Namespace) -> dict:
+    from .reader import blob_info
+    from .registry import RegistryClient
+    layers = [blob_info(Path(p)) for p in a.blobs]
+    img = RegistryClient(a.registry).push_image(a.name, a.tag, layers)
+    return {"name": img.name, "tag": img.tag, "manifest_digest": img.manifest_digest,
+            "layers": list(img.layers)}
+
+
+def cmd_serve(a: argparse.Namespace) -> dict:
+    from .cache import ChunkCache
+    from .fuse import serve
+    from .mount import MountSpec, open_source
+    from .reader import open_estargz
+    from .view import LayerView, Recorder
+    spec = MountSpec.from_json(sys.stdin.read())
+    src = open_source(spec.source)
+    blob = open_estargz(src, spec.toc_digest)
+    logging.getLogger("lazyfs").info("serving %s (%d inodes, TOC %s%s) at %s", src.describe(),
+                                     len(blob.tree.nodes), blob.toc_digest,
+                                     "" if spec.toc_digest else " unverified", spec.mountpoint)
+    layer = spec.source.digest or spec.source.location
+    rec = Recorder(spec.record_path, layer) if spec.record_path else None
+    view = LayerView(blob, ChunkCache(spec.cache_dir), rec)
+    serve(view, spec.mountpoint, fsname=f"lazyfs:{layer[:19]}", prefetch=spec.prefetch,
+          fetch_all=spec.fetch_all, status_path=spec.status_path, allow_other=spec.allow_other)
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lazyfs", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("convert", help="write a layer dir as an eStargz blob")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--prioritized-from", help="access record JSON from a mount")
+    p.add_argument("--prioritize", action="append", help="a path to put first (repeatable)")
+    p.add_argument("--chunk-size", type=int, default=4 << 20)
+    p.add_argument("--skip-devices", action="store_true",
+                   help="leave device nodes out (e.g. a base rootfs's /dev) instead of failing")
+    p.set_defaults(fn=cmd_convert)
+    p = sub.add_parser("inspect", help="read and check a blob's footer and TOC")
+    _source_args(p, True)
+    p.add_argument("--verify", action="store_true", help="also fetch and verify every chunk")
+    p.add_argument("--list", action="store_true", help="list the paths")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("mount", help="mount a blob lazily (read-only FUSE)")
+    p.add_argument("mountpoint")
+    _source_args(p, False)
+    p.add_argument("--cache")
+    p.add_argument("--record")
+    p.add_argument("--status")
+    p.add_argument("--log")
+    p.add_argument("--no-prefetch", action="store_true")
+    p.set_defaults(fn=cmd_mount)
+    p = sub.add_parser("unmount", help="unmount a lazy mount")
+    p.add_argument("mountpoint")
+    p.set_defaults(fn=cmd_unmount)
+    p = sub.add_parser("push", help="push eStargz blobs as one image to a registry")
+    p.add_argument("--registry", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--tag", required=True)
+    p.add_argument("blobs", nargs="+")
+    p.set_defaults(fn=cmd_push)
+    p = sub.add_parser("serve", help="internal: serve a MountSpec read from stdin")
+    p.set_defaults(fn=cmd_serve)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s lazyfs[%(process)d] %(levelname)s %(message)s")
+    try:
+        out = a.fn(a)
+    except (LazyFSError, OSError, ValueError) as e:
+        print(f"lazyfs {a.cmd}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if out:
+        print(json.dumps(out, indent=1))
+    return 0

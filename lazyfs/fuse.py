@@ -1,0 +1,211 @@
+"""The FUSE adapter (pyfuse3 + trio): serves one LayerView read-only at a mountpoint.
+
+The tree is the layer in overlay form (whiteouts are 0/0 char devices, opaque dirs carry
+`trusted.overlay.opaque=y`), so the mountpoint works as an overlayfs lower dir exactly like
+an unpacked layer. Metadata comes from the verified TOC and is answered in the trio loop;
+file data is fetched in worker threads (bounded by a limiter) so a slow fetch never stalls
+lookups. A failing source turns into EIO after the source's bounded retries; the next read
+tries again, so the mount recovers when the source is back.
+
+pyfuse3 allows one mount per process: `serve()` is what a `python -m lazyfs serve`
+process runs (see mount.py).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .errors import LazyFSError
+from .tree import ROOT_INO, Node
+from .view import LayerView
+
+log = logging.getLogger("lazyfs")
+TIMEOUT = 3600.0            # the layer is immutable: the kernel may cache entries and attrs
+
+
+class LazyOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, view: LayerView, *, fetch_threads: int = 16):
+        super().__init__()
+        self.view = view
+        self.limiter = trio.CapacityLimiter(fetch_threads)
+        self.parent = {ROOT_INO: ROOT_INO}            # directory inode -> its parent
+        for node in view.tree.nodes.values():
+            if node.is_dir:
+                for _, child in node.children:
+                    if view.tree.nodes[child].is_dir:
+                        self.parent[child] = node.ino
+        self.total_size = sum(n.size for n in view.tree.nodes.values())
+
+    def _node(self, inode: int) -> Node:
+        node = self.view.node(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino, a.generation = node.ino, 0
+        a.entry_timeout = a.attr_timeout = TIMEOUT
+        a.st_mode, a.st_nlink = node.mode, node.nlink
+        a.st_uid, a.st_gid, a.st_rdev = node.uid, node.gid, node.rdev
+        a.st_size = node.size if node.is_reg else len(os.fsencode(node.link_target))
+        a.st_blksize, a.st_blocks = 4096, (node.size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+        return a
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self._attr(parent)
+        if name == b"..":
+            return self._attr(self._node(self.parent.get(parent_inode, ROOT_INO)))
+        node = self.view.lookup(parent_inode, os.fsdecode(name))
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(node)
+
+    async def getattr(self, inode, ctx=None):
+        return self._attr(self._node(inode))
+
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        if not stat.S_ISLNK(node.mode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.link_target)
+
+    async def opendir(self, inode, ctx):
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        node = self._node(fh)
+        dots = [(".", fh), ("..", self.parent.get(fh, ROOT_INO))]
+        entries = dots + list(node.children)
+        for i in range(start_id, len(entries)):
+            name, ino = entries[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(
+                    self.view.tree.nodes[ino]), i + 1):
+                break
+
+    async def releasedir(self, fh):
+        return None
+
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        self.view.opened(inode)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        try:
+            return await trio.to_thread.run_sync(self.view.read, fh, off, size,
+                                                 limiter=self.limiter)
+        except LazyFSError as e:
+            name = self.view.tree.nodes[fh].name
+            log.error("read of %r at [%d, +%d) failed, answering EIO: %s", name, off, size, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh):
+        return None
+
+    async def getxattr(self, inode, name, ctx):
+        value = dict(self._node(inode).xattrs).get(os.fsdecode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    async def listxattr(self, inode, ctx):
+        return [os.fsencode(k) for k, _ in self._node(inode).xattrs]
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = (self.total_size + 4095) // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files, s.f_ffree, s.f_favail = len(self.view.tree.nodes), 0, 0
+        s.f_namemax = 255
+        return s
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch: bool = True,
+          fetch_all: bool = False, status_path: str | None = None, allow_other: bool = True,
+          on_mounted: Callable[[], None] | None = None) -> None:
+    """Mount `view` at `mountpoint` and serve until unmounted or SIGTERM/SIGINT.
+
+    Blocks. `status_path` gets a JSON status (source bytes, cache hits, errors, prefetch)
+    twice a second while anything changes, and the access recorder is flushed alike.
+    """
+    ops = LazyOperations(view)
+    options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=lazyfs"}
+    if allow_other:
+        options.add("allow_other")
+    pyfuse3.init(ops, mountpoint, options)
+    state: dict = {"terminated": False, "status": None}
+    stop = threading.Event()
+
+    def housekeeping_once() -> None:
+        if view.recorder is not None:
+            view.recorder.flush()
+        status = view.status()
+        if status_path and status != state["status"]:
+            state["status"] = status
+            _write_json(Path(status_path), {"pid": os.getpid(), "mountpoint": mountpoint,
+                                            "time": time.time(), **status})
+
+    async def on_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for _ in sigs:
+                state["terminated"] = True
+                pyfuse3.terminate()
+                return
+
+    async def housekeeping() -> None:
+        while True:
+            await trio.to_thread.run_sync(housekeeping_once)
+            await trio.sleep(0.5)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(on_signals)
+            n.start_soon(housekeeping)
+            if prefetch or fetch_all:
+                n.start_soon(lambda: trio.to_thread.run_sync(
+                    lambda: view.prefetch(stop, everything=fetch_all), abandon_on_cancel=True))
+            if on_mounted is not None:
+                on_mounted()
+            await pyfuse3.main()
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        stop.set()
+        try:
+            housekeeping_once()
+        except OSError as e:
+            log.warning("final status write failed: %s", e)
+        pyfuse3.close(unmount=state["terminated"])

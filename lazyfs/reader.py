@@ -1,0 +1,224 @@
+"""Reading eStargz blobs through a BlobSource: footer, TOC, verified chunks, extraction.
+
+Contract: nothing read from a blob is trusted before it is checked. The footer must be the
+51-byte eStargz footer; the TOC offset must lie inside the blob; the TOC member must be one
+gzip member holding a tar entry `stargz.index.json` (bounded in size); its sha256 must equal
+the `toc.digest` annotation when the caller has one; every chunk is decompressed from its
+own range and must match its `chunkDigest` before anyone sees it.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import stat
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import DigestMismatchError, FormatError
+from .estargz import FOOTER_SIZE, LayerBlob, parse_footer
+from .toc import TOC, TOC_NAME, check_digest
+from .tree import ROOT_INO, Chunk, Node, Tree, build_tree
+
+if TYPE_CHECKING:
+    from .blobsource import BlobSource
+
+__all__ = [
+    "MAX_TOC_COMPRESSED",
+    "EStargz",
+    "blob_info",
+    "decode_chunk",
+    "extract",
+    "open_estargz",
+]
+
+MAX_TOC_COMPRESSED = 64 << 20
+MAX_TOC_JSON = 512 << 20
+TAIL_GUESS = 256 << 10        # one request usually gets footer and TOC together
+
+
+def decode_chunk(chunk: Chunk, member: bytes) -> bytes:
+    """Decompress `chunk` out of its gzip member's bytes and verify its digest."""
+    d = zlib.decompressobj(31)
+    want = chunk.inner_offset + chunk.size
+    try:
+        out = d.decompress(member, want)
+    except zlib.error as e:
+        raise FormatError(f"chunk at blob offset {chunk.offset}: bad gzip data ({e})") from None
+    if len(out) != want:
+        raise FormatError(f"chunk at blob offset {chunk.offset}: member ends after {len(out)} "
+                          f"of {want} bytes (truncated blob or wrong TOC)")
+    data = out[chunk.inner_offset:]
+    actual = "sha256:" + hashlib.sha256(data).hexdigest()
+    if actual != chunk.digest:
+        raise DigestMismatchError(f"chunk at blob offset {chunk.offset} (file offset "
+                                  f"{chunk.file_offset})", chunk.digest, actual)
+    return data
+
+
+def _toc_from_member(member: bytes) -> bytes:
+    d = zlib.decompressobj(31)
+    try:
+        tar_bytes = d.decompress(member, MAX_TOC_JSON + 64 * 1024)
+    except zlib.error as e:
+        raise FormatError(f"TOC gzip member is corrupt: {e}") from None
+    if not d.eof:
+        raise FormatError("TOC gzip member is truncated or larger than the limit")
+    if d.unused_data:
+        raise FormatError("unexpected data between the TOC and the footer")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
+            m = tar.next()
+            if m is None or m.name != TOC_NAME or not m.isreg():
+                raise FormatError(f"TOC member holds {m.name if m else None!r}, "
+                                  f"not {TOC_NAME!r}")
+            f = tar.extractfile(m)
+            assert f is not None
+            return f.read()
+    except tarfile.TarError as e:
+        raise FormatError(f"TOC member is not a tar entry: {e}") from None
+
+
+@dataclass(frozen=True)
+class EStargz:
+    """An opened, TOC-verified eStargz blob; chunk reads go to `source` and are verified."""
+
+    source: BlobSource
+    size: int
+    toc_offset: int
+    toc: TOC
+    toc_digest: str
+    tree: Tree
+
+    def read_chunk(self, chunk: Chunk) -> bytes:
+        """Fetch one chunk's member by range and return its verified uncompressed bytes."""
+        return decode_chunk(chunk, self.source.read(chunk.offset, chunk.end - chunk.offset))
+
+    def read_file(self, path: str) -> bytes:
+        node = self.tree.lookup(path)
+        if node is None or not node.is_reg:
+            raise FileNotFoundError(path)
+        return b"".join(self.read_chunk(c) for c in node.chunks)
+
+    def verify_all(self) -> int:
+        """Fetch and verify every chunk; returns the number of uncompressed bytes checked."""
+        return sum(len(self.read_chunk(c)) for c in self.tree.chunks_in_order)
+
+
+def open_estargz(source: BlobSource, toc_digest: str | None = None, *,
+                 overlay_form: bool = True) -> EStargz:
+    """Open the blob behind `source`; verify its TOC against `toc_digest` when given.
+
+    Raises FormatError (bad footer, TOC outside the blob, malformed TOC),
+    DigestMismatchError (TOC digest differs), UnsafeEntryError (hostile entry names), or
+    a SourceError from the source.
+    """
+    if toc_digest:
+        check_digest(toc_digest, "toc digest")
+    size = source.size()
+    if size < FOOTER_SIZE:
+        raise FormatError(f"blob is {size} bytes: too small for an eStargz footer")
+    tail_start = max(0, size - TAIL_GUESS)
+    tail = source.read(tail_start, size - tail_start)
+    toc_offset = parse_footer(tail[-FOOTER_SIZE:])
+    toc_end = size - FOOTER_SIZE
+    if not 0 <= toc_offset < toc_end:
+        raise FormatError(f"footer puts the TOC at offset {toc_offset}, outside the blob's "
+                          f"{size} bytes")
+    if toc_end - toc_offset > MAX_TOC_COMPRESSED:
+        raise FormatError(f"TOC member is {toc_end - toc_offset} bytes "
+                          f"(limit {MAX_TOC_COMPRESSED})")
+    if toc_offset >= tail_start:
+        member = tail[toc_offset - tail_start: toc_end - tail_start]
+    else:
+        member = source.read(toc_offset, toc_end - toc_offset)
+    toc_json = _toc_from_member(member)
+    actual = "sha256:" + hashlib.sha256(toc_json).hexdigest()
+    if toc_digest and actual != toc_digest:
+        raise DigestMismatchError("TOC (stargz.index.json)", toc_digest, actual)
+    toc = TOC.parse(toc_json)
+    tree = build_tree(toc, toc_offset, overlay_form=overlay_form)
+    return EStargz(source=source, size=size, toc_offset=toc_offset, toc=toc,
+                   toc_digest=actual, tree=tree)
+
+
+def extract(blob: EStargz, dest: Path) -> int:
+    """Write the layer into the new or empty dir `dest` in overlay form; returns entries.
+
+    Every chunk is verified before it is written. Safe by construction: names were
+    validated by build_tree, every parent is a directory this function created, files are
+    created with O_EXCL|O_NOFOLLOW, so nothing can be written outside `dest`.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise FileExistsError(f"extract destination {dest} is not empty")
+    owner = os.geteuid() == 0
+    done: dict[int, str] = {}
+    dirs: list[tuple[str, Node]] = []
+    tree = blob.tree
+    for name in sorted(tree.paths):
+        node = tree.nodes[tree.paths[name]]
+        path = str(dest / name) if name else str(dest)
+        if node.ino in done and node.ino != ROOT_INO:
+            os.link(done[node.ino], path, follow_symlinks=False)
+            continue
+        done[node.ino] = path
+        if node.is_dir:
+            if name:
+                os.mkdir(path, 0o700)
+            dirs.append((path, node))
+            continue
+        if node.is_reg:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                for c in node.chunks:
+                    f.write(blob.read_chunk(c))
+        elif stat.S_ISLNK(node.mode):
+            os.symlink(node.link_target, path)
+        elif stat.S_ISCHR(node.mode):
+            os.mknod(path, stat.S_IFCHR | 0o600, 0)
+        elif stat.S_ISFIFO(node.mode):
+            os.mkfifo(path, 0o600)
+        _apply(path, node, owner)
+    for path, node in reversed(dirs):
+        _apply(path, node, owner)
+    return len(tree.paths) - 1
+
+
+def _apply(path: str, node: Node, owner: bool) -> None:
+    # chown clears setuid bits and security.capability: owner, then mode, then xattrs
+    if owner:
+        os.chown(path, node.uid, node.gid, follow_symlinks=False)
+    if not stat.S_ISLNK(node.mode):
+        os.chmod(path, stat.S_IMODE(node.mode))
+    for k, v in node.xattrs:
+        os.setxattr(path, k, v, follow_symlinks=False)
+    if node.mtime_ns:
+        os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
+
+
+def blob_info(path: Path) -> LayerBlob:
+    """Digest, diff_id and TOC digest of an existing eStargz blob file (reads it whole)."""
+    from .blobsource import FileBlobSource
+    h, raw, n = hashlib.sha256(), hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            h.update(piece)
+    with gzip.open(path, "rb") as z:
+        while piece := z.read(1 << 20):
+            raw.update(piece)
+            n += len(piece)
+    src = FileBlobSource(path)
+    try:
+        blob = open_estargz(src)
+    finally:
+        src.close()
+    return LayerBlob(path=Path(path), digest="sha256:" + h.hexdigest(), size=blob.size,
+                     diff_id="sha256:" + raw.hexdigest(), toc_digest=blob.toc_digest,
+                     uncompressed_size=n, entries=len(blob.toc.entries),
+                     prioritized=blob.tree.prioritized)

@@ -1,0 +1,217 @@
+"""What a lazy mount serves, without FUSE: inode lookups, verified reads through the node's
+chunk cache, background prefetch of the prioritized area, and the access recorder.
+
+All methods are blocking and thread-safe; the FUSE adapter runs them in worker threads.
+A read either returns verified bytes or raises a LazyFSError in bounded time (the source's
+retry policy bounds each fetch); it never returns unverified data.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cache import ChunkCache
+from .errors import LazyFSError
+from .reader import EStargz, decode_chunk
+from .tree import Chunk, Node
+
+log = logging.getLogger("lazyfs")
+MAX_PREFETCH_REQUEST = 32 << 20      # one range request of the prefetch covers at most this
+
+__all__ = ["LayerView", "Recorder", "load_recorded"]
+
+
+class Recorder:
+    """Files opened and read through a mount, in first-access order, saved as JSON:
+
+        {"version": 1, "layer": "...", "opened": [...], "read": [...]}
+
+    `opened` is what a later build passes as `prioritized` to `write_layer`.
+    """
+
+    def __init__(self, path: str | os.PathLike, layer: str):
+        self.path, self.layer = Path(path), layer
+        self._opened: dict[str, None] = {}
+        self._read: dict[str, None] = {}
+        self._dirty = False
+        self._lock = threading.Lock()
+
+    def note(self, name: str, *, read: bool = False) -> None:
+        target = self._read if read else self._opened
+        if name in target:
+            return
+        with self._lock:
+            if name not in target:
+                target[name] = None
+                self._dirty = True
+
+    def flush(self) -> bool:
+        """Write the file atomically if anything changed; returns whether it wrote."""
+        with self._lock:
+            if not self._dirty:
+                return False
+            doc = {"version": 1, "layer": self.layer, "opened": list(self._opened),
+                   "read": list(self._read)}
+            self._dirty = False
+        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.path)
+        return True
+
+
+def load_recorded(path: str | os.PathLike) -> list[str]:
+    """The `opened` list of a recorder file: the prioritized files for the next build."""
+    doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict) or doc.get("version") != 1:
+        raise ValueError(f"{path}: not a lazyfs access record")
+    return [str(n) for n in doc.get("opened", [])]
+
+
+@dataclass
+class _Counters:
+    cache_hits: int = 0
+    fetched_chunks: int = 0
+    prefetched_chunks: int = 0
+    read_errors: int = 0
+    last_error: str = ""
+    prefetch_state: str = "idle"
+
+
+class LayerView:
+    def __init__(self, blob: EStargz, cache: ChunkCache, recorder: Recorder | None = None):
+        self.blob, self.tree, self.cache, self.recorder = blob, blob.tree, cache, recorder
+        self._inflight: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.counters = _Counters()
+
+    # -- metadata ------------------------------------------------------------------------
+    def node(self, ino: int) -> Node | None:
+        return self.tree.nodes.get(ino)
+
+    def lookup(self, parent: int, name: str) -> Node | None:
+        node = self.tree.nodes.get(parent)
+        if node is None or not node.is_dir:
+            return None
+        i = bisect.bisect_left(node.children, (name, 0))
+        if i < len(node.children) and node.children[i][0] == name:
+            return self.tree.nodes[node.children[i][1]]
+        return None
+
+    def opened(self, ino: int) -> None:
+        if self.recorder is not None:
+            self.recorder.note(self.tree.nodes[ino].name)
+
+    # -- data ----------------------------------------------------------------------------
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of a regular file (short at EOF)."""
+        node = self.tree.nodes[ino]
+        if self.recorder is not None:
+            self.recorder.note(node.name, read=True)
+        end = min(node.size, offset + size)
+        if offset >= end:
+            return b""
+        starts = [c.file_offset for c in node.chunks]
+        i = bisect.bisect_right(starts, offset) - 1
+        out = []
+        try:
+            while offset < end:
+                c = node.chunks[i]
+                lo, hi = offset - c.file_offset, min(end, c.file_offset + c.size) - c.file_offset
+                out.append(self._chunk_range(c, lo, hi))
+                offset = c.file_offset + hi
+                i += 1
+        except LazyFSError as e:
+            with self._lock:
+                self.counters.read_errors += 1
+                self.counters.last_error = f"read {node.name!r}: {e}"
+            raise
+        return b"".join(out)
+
+    def _chunk_range(self, c: Chunk, lo: int, hi: int) -> bytes:
+        data = self.cache.read(c.digest, lo, hi - lo)
+        if data is not None and len(data) == hi - lo:
+            with self._lock:
+                self.counters.cache_hits += 1
+            return data
+        return self._fetch(c)[lo:hi]
+
+    def _fetch(self, c: Chunk) -> bytes:
+        """Fetch, verify and cache one chunk; concurrent callers share one fetch."""
+        while True:
+            with self._lock:
+                ev = self._inflight.get(c.digest)
+                if ev is None:
+                    mine = self._inflight[c.digest] = threading.Event()
+                    break
+            ev.wait()
+            data = self.cache.read(c.digest)
+            if data is not None:
+                return data
+            # the leader failed: try ourselves (bounded by the source's retry policy)
+        try:
+            data = self.blob.read_chunk(c)
+            self.cache.put(c.digest, data, verified=True)
+            with self._lock:
+                self.counters.fetched_chunks += 1
+            return data
+        finally:
+            with self._lock:
+                self._inflight.pop(c.digest, None)
+            mine.set()
+
+    # -- prefetch ------------------------------------------------------------------------
+    def prefetch(self, stop: threading.Event | None = None, *, everything: bool = False,
+                 on_progress: Callable[[], None] | None = None) -> int:
+        """Fetch the prioritized area (all chunks if `everything`) in few large ranges.
+
+        Returns the number of chunks stored. Errors end the prefetch (reads still fetch on
+        demand) and are logged; this never raises LazyFSError.
+        """
+        limit = self.blob.toc_offset if everything else self.tree.prefetch_end
+        todo = [c for c in self.tree.chunks_in_order
+                if c.offset < limit and not self.cache.has(c.digest)]
+        todo.sort(key=lambda c: (c.offset, c.inner_offset))
+        self.counters.prefetch_state = "running"
+        stored, t0 = 0, time.monotonic()
+        try:
+            i = 0
+            while i < len(todo):
+                if stop is not None and stop.is_set():
+                    break
+                j, start = i, todo[i].offset
+                while j < len(todo) and todo[j].end - start <= MAX_PREFETCH_REQUEST:
+                    j += 1
+                j = max(j, i + 1)
+                end = max(c.end for c in todo[i:j])
+                buf = self.blob.source.read(start, end - start)
+                for c in todo[i:j]:
+                    data = decode_chunk(c, buf[c.offset - start: c.end - start])
+                    self.cache.put(c.digest, data, verified=True)
+                    stored += 1
+                with self._lock:
+                    self.counters.prefetched_chunks += j - i
+                if on_progress is not None:
+                    on_progress()
+                i = j
+            self.counters.prefetch_state = "done"
+            log.info("prefetch: %d chunks in %.2fs", stored, time.monotonic() - t0)
+        except LazyFSError as e:
+            self.counters.prefetch_state = f"failed: {e}"
+            log.warning("prefetch stopped after %d chunks: %s", stored, e)
+        return stored
+
+    def status(self) -> dict:
+        with self._lock:
+            c = self.counters
+            out = {"cache_hits": c.cache_hits, "fetched_chunks": c.fetched_chunks,
+                   "prefetched_chunks": c.prefetched_chunks, "read_errors": c.read_errors,
+                   "last_error": c.last_error, "prefetch": c.prefetch_state}
+        out["source"] = {"describe": self.blob.source.describe(), **self.blob.source.stats()}
+        return out

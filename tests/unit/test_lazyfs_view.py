@@ -1,0 +1,162 @@
+"""LayerView without FUSE: verified reads through the shared chunk cache, single-flight
+fetches, prefetch of the prioritized area, the access recorder feeding the next build."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lazyfs import FileBlobSource, open_estargz, write_layer
+from lazyfs.cache import ChunkCache
+from lazyfs.errors import DigestMismatchError, SourceUnavailableError
+from lazyfs.testing import make_layer
+from lazyfs.view import LayerView, Recorder, load_recorded
+
+CHUNK = 64 * 1024
+
+
+class CountingSource:
+    """Wraps a source: counts reads, can fail or slow down on demand."""
+
+    def __init__(self, inner):
+        self.inner, self.reads, self.failing, self.delay = inner, [], False, 0.0
+        self.lock = threading.Lock()
+
+    def size(self):
+        return self.inner.size()
+
+    def read(self, offset, length):
+        if self.delay:
+            time.sleep(self.delay)
+        if self.failing:
+            raise SourceUnavailableError("fake source is down")
+        with self.lock:
+            self.reads.append((offset, length))
+        return self.inner.read(offset, length)
+
+    def describe(self):
+        return "counting " + self.inner.describe()
+
+    def stats(self):
+        return {"requests": len(self.reads), "bytes_received": sum(n for _, n in self.reads)}
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.fixture
+def layer(tmp_path: Path) -> Path:
+    return make_layer(tmp_path / "layer", big=1_000_000)
+
+
+def _view(tmp_path: Path, layer: Path, prioritized=(), record: bool = False):
+    b = write_layer(layer, tmp_path / "l.esgz", chunk_size=CHUNK, prioritized=prioritized)
+    src = CountingSource(FileBlobSource(b.path))
+    blob = open_estargz(src, b.toc_digest)
+    src.reads.clear()
+    rec = Recorder(tmp_path / "record.json", b.digest) if record else None
+    return LayerView(blob, ChunkCache(tmp_path / "cache"), rec), src
+
+
+def _ino(view: LayerView, path: str) -> int:
+    return view.tree.paths[path]
+
+
+def test_reads_across_chunk_boundaries(tmp_path: Path, layer: Path):
+    view, _ = _view(tmp_path, layer)
+    want = (layer / "usr/lib/python3/big.bin").read_bytes()
+    ino = _ino(view, "usr/lib/python3/big.bin")
+    for off, n in [(0, 10), (CHUNK - 5, 10), (3 * CHUNK - 1, 2 * CHUNK + 2), (999_990, 100),
+                   (2_000_000, 10)]:
+        assert view.read(ino, off, n) == want[off:off + n]
+    assert view.read(ino, 0, 10**7) == want
+
+
+def test_chunks_are_cached_by_digest_and_shared(tmp_path: Path, layer: Path):
+    view, src = _view(tmp_path, layer)
+    ino = _ino(view, "usr/lib/python3/big.bin")
+    view.read(ino, 0, 100)
+    first = len(src.reads)
+    assert first == 1
+    digest = view.tree.nodes[ino].chunks[0].digest
+    assert (tmp_path / "cache/sha256" / digest[7:9] / digest[7:]).stat().st_size == CHUNK
+    view.read(ino, 50, 1000)
+    assert len(src.reads) == first                     # served from the cache
+    # a second mount of the same layer on the node uses the same cache dir
+    view2 = LayerView(view.blob, ChunkCache(tmp_path / "cache"))
+    assert view2.read(ino, 0, 100) == view.read(ino, 0, 100)
+    assert len(src.reads) == first
+
+
+def test_concurrent_reads_of_one_chunk_fetch_once(tmp_path: Path, layer: Path):
+    view, src = _view(tmp_path, layer)
+    src.delay = 0.2
+    ino = _ino(view, "usr/lib/python3/big.bin")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(view.read(ino, 10, 100)))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and len(results) == 8
+    assert len(src.reads) == 1
+
+
+def test_source_failure_raises_then_recovers(tmp_path: Path, layer: Path):
+    view, src = _view(tmp_path, layer)
+    ino = _ino(view, "etc/hello.txt")
+    src.failing = True
+    with pytest.raises(SourceUnavailableError):
+        view.read(ino, 0, 100)
+    assert view.status()["read_errors"] == 1 and "down" in view.status()["last_error"]
+    src.failing = False
+    assert view.read(ino, 0, 100) == b"hello, lazy world\n"
+
+
+def test_prefetch_fetches_the_prioritized_area_in_one_request(tmp_path: Path, layer: Path):
+    view, src = _view(tmp_path, layer, prioritized=["usr/lib/python3/big.bin", "etc/hello.txt"])
+    stored = view.prefetch()
+    assert stored == len(view.tree.nodes[_ino(view, "usr/lib/python3/big.bin")].chunks) + 1
+    assert len(src.reads) == 1 and src.reads[0][0] + src.reads[0][1] <= view.tree.prefetch_end
+    view.read(_ino(view, "usr/lib/python3/big.bin"), 0, 10**7)
+    view.read(_ino(view, "etc/hello.txt"), 0, 100)
+    assert len(src.reads) == 1                         # all from the cache
+    view.read(_ino(view, "usr/lib/python3/text.py"), 0, 100)
+    assert len(src.reads) == 2                         # not prioritized: on demand
+
+
+def test_prefetch_failure_is_contained(tmp_path: Path, layer: Path):
+    view, src = _view(tmp_path, layer, prioritized=["etc/hello.txt"])
+    src.failing = True
+    assert view.prefetch() == 0
+    assert view.status()["prefetch"].startswith("failed")
+
+
+def test_recorder_feeds_the_next_build(tmp_path: Path, layer: Path):
+    view, _ = _view(tmp_path, layer, record=True)
+    for path in ["usr/lib/python3/text.py", "etc/hello.txt", "usr/lib/python3/text.py"]:
+        view.opened(_ino(view, path))
+        view.read(_ino(view, path), 0, 10)
+    assert view.recorder.flush() and not view.recorder.flush()
+    doc = json.loads((tmp_path / "record.json").read_text())
+    assert doc["opened"] == ["usr/lib/python3/text.py", "etc/hello.txt"]
+    prio = load_recorded(tmp_path / "record.json")
+    b = write_layer(layer, tmp_path / "next.esgz", prioritized=prio)
+    e = open_estargz(FileBlobSource(b.path), b.toc_digest)
+    assert e.tree.prioritized == tuple(prio) and e.tree.prefetch_end > 0
+
+
+def test_cache_refuses_wrong_bytes_and_prunes(tmp_path: Path):
+    cache = ChunkCache(tmp_path / "c")
+    with pytest.raises(DigestMismatchError):
+        cache.put("sha256:" + "0" * 64, b"not that")
+    import hashlib
+    for i in range(4):
+        data = bytes([i]) * 1000
+        cache.put("sha256:" + hashlib.sha256(data).hexdigest(), data)
+    assert cache.total_bytes() == 4000
+    assert cache.prune(2500) == 2000 and cache.total_bytes() == 2000
