@@ -419,6 +419,18 @@ class Node:
             self._mem_cond.notify_all()
 
     # -- introspection -------------------------------------------------------------------------
+    def _layer_states(self) -> list[dict]:
+        """Each layer on this node: local (unpacked), or lazy (FUSE mount, bytes fetched so
+        far); a lazily mounted layer that has since been pulled fully says so."""
+        out = {li.key: {"key": li.key, "size": li.size, "source": li.source, "hits": li.hits,
+                        "state": "local"} for li in self.layers.list()}
+        for k, h in self.layers.lazy.items():
+            st = h.status()
+            entry = out.setdefault(k[:16], {"key": k[:16], "state": "lazy", "source": "estargz"})
+            entry.update(was_lazy=True, bytes_fetched=st.get("bytes_received"),
+                         fetched_chunks=st.get("fetched_chunks"))
+        return list(out.values())
+
     def holdings(self) -> dict:
         """What placement needs to know about this node (sent with every heartbeat)."""
         return {"snapshots": self.snapshots.keys(), "gpus": self.gpus.wire(),
@@ -437,12 +449,7 @@ class Node:
             "pools": {k: {"live": p.live, "idle": p.idle, "queued": len(p.queue)}
                       for k, p in self.pools.items()},
             "active_calls": list(self.active.values()), "stats": dict(self.stats),
-            "layers": [{"key": li.key, "size": li.size, "source": li.source, "hits": li.hits,
-                        "state": "local"} for li in self.layers.list()] + [
-                {"key": k[:16], "state": "lazy", "source": "estargz",
-                 "bytes_fetched": h.status().get("bytes_received"),
-                 "fetched_chunks": h.status().get("fetched_chunks")}
-                for k, h in self.layers.lazy.items() if not self.layers.has(k)],
+            "layers": self._layer_states(),
         }
 
 
