@@ -427,7 +427,8 @@ class Node:
         for k, h in self.layers.lazy.items():
             st = h.status()
             entry = out.setdefault(k[:16], {"key": k[:16], "state": "lazy", "source": "estargz"})
-            entry.update(was_lazy=True, bytes_fetched=st.get("bytes_received"),
+            entry.update(was_lazy=True,
+                         bytes_fetched=(st.get("source") or {}).get("bytes_received"),
                          fetched_chunks=st.get("fetched_chunks"))
         return list(out.values())
 
