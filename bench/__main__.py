@@ -72,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cluster"]:              # own parser and own cluster: bench/cluster.py
+        from .cluster import main as cluster_main
+        return cluster_main(argv[1:])
     args = parser().parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()

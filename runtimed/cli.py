@@ -58,7 +58,7 @@ def cmd_up(a) -> int:
         pf.parent.mkdir(parents=True, exist_ok=True)
         logf = open(pf.parent / "up.log", "ab")
         p = subprocess.Popen([sys.executable, "-m", "runtimed.cli", "up", "--port", str(a.port)]
-                             + (["--no-node"] if a.no_node else []),
+                             + (["--no-node"] if a.no_node else []) + _backend_argv(a),
                              stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
                              start_new_session=True)
         pf.write_text(str(p.pid))
@@ -68,8 +68,22 @@ def cmd_up(a) -> int:
         print(f"runtimed did not become ready; see {pf.parent / 'up.log'}", file=sys.stderr)
         return 1
     from .embedded import main
-    main("127.0.0.1", a.port, a.port + 1, not a.no_node)
+    from .store import BackendConfig
+    cfg = BackendConfig.from_env(kind=a.backend, redis_url=a.redis_url, replica=a.replica,
+                                 max_pending=a.max_pending,
+                                 blob_dir=Path(a.blob_dir) if a.blob_dir else None)
+    main("127.0.0.1", a.port, a.port + 1, not a.no_node, cfg=cfg, reuse_port=a.reuse_port)
     return 0
+
+
+def _backend_argv(a) -> list[str]:
+    out = []
+    for flag, v in (("--backend", a.backend), ("--redis-url", a.redis_url),
+                    ("--replica", a.replica), ("--max-pending", a.max_pending),
+                    ("--blob-dir", a.blob_dir)):
+        if v is not None:
+            out += [flag, str(v)]
+    return out + (["--reuse-port"] if a.reuse_port else [])
 
 
 def cmd_down(a) -> int:
@@ -104,17 +118,53 @@ def _table(rows: list[dict], cols: list[str]) -> None:
 def cmd_status(a) -> int:
     st = _client().json("GET", "/v1/status")
     print(json.dumps(st, indent=2) if a.json else
-          f"dispatcher up since {time.ctime(st['started_at'])}; pending calls: "
-          f"{st['pending_calls']}; blobs: {st['blob_bytes'] / 2**20:.1f} MiB")
+          f"dispatcher {st.get('replica', '')} ({st.get('backend', 'sqlite')}) up since "
+          f"{time.ctime(st['started_at'])}; unfinished calls: {st['pending_calls']}"
+          f"/{st.get('max_pending', '?')}; replicas: "
+          f"{', '.join(r['name'] for r in st.get('replicas') or []) or '-'}; "
+          f"blobs: {st['blob_bytes'] / 2**20:.1f} MiB")
     if not a.json:
         _table(st["nodes"], ["node_id", "url", "alive", "inflight", "seen_s_ago", "reserved_mb"])
     return 0
 
 
 def cmd_nodes(a) -> int:
-    _table(_client().json("GET", "/v1/nodes")["nodes"],
-           ["node_id", "url", "alive", "inflight", "cpu", "memory_mb", "reserved_mb"])
+    nodes = _client().json("GET", "/v1/nodes")["nodes"]
+    if a.json:
+        print(json.dumps(nodes, indent=2))
+        return 0
+    rows = []
+    for n in nodes:
+        warm = n.get("warm") or {}
+        rows.append({
+            "node_id": n["node_id"], "url": n["url"], "alive": n["alive"],
+            "load": f"{n.get('active') or 0} active, {n.get('inflight') or 0} sent",
+            "memory": f"{n.get('reserved_mb') or 0}/{n.get('memory_mb') or 0} MiB",
+            "snapshots": _short_list(n.get("snapshots") or []),
+            "layers": len(n.get("layers") or []),
+            "warm": ", ".join(f"{k[:14]}x{v}" for k, v in warm.items()) or "-",
+            "seen_s": n.get("seen_s_ago")})
+    _table(rows, ["node_id", "url", "alive", "load", "memory", "snapshots", "layers", "warm",
+                  "seen_s"])
     return 0
+
+
+def _short_list(items: list[str], n: int = 3) -> str:
+    if not items:
+        return "-"
+    shown = ", ".join(i[:14] for i in items[:n])
+    return f"{len(items)}: {shown}" + (", ..." if len(items) > n else "")
+
+
+def _placed(p: dict | None) -> str:
+    """Why the call ran where it did (the placement record)."""
+    if not p:
+        return ""
+    out = p.get("reason", "")
+    if p.get("wait_for"):
+        out += f" (best: {p.get('wait_reason')} on {p['wait_for']} was full"
+        out += f", waited {p['waited_ms']:.0f} ms)" if p.get("waited_ms") else ")"
+    return out
 
 
 def cmd_ps(a) -> int:
@@ -153,7 +203,11 @@ def cmd_calls(a) -> int:
     rows = _client().json("GET", f"/v1/calls?limit={a.limit}")["calls"]
     for r in rows:
         r["ms"] = f"{((r['finished'] or time.time()) - r['created']) * 1000:.0f}"
-    _table(rows, ["id", "function_id", "status", "tier", "attempts", "node_id", "ms"])
+        r["placed"] = _placed(r.get("placement"))
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    _table(rows, ["id", "function_id", "status", "tier", "attempts", "node_id", "placed", "ms"])
     return 0
 
 
@@ -291,18 +345,35 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--detach", "-d", action="store_true")
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
     s.add_argument("--no-node", action="store_true", help="dispatcher only")
+    s.add_argument("--backend", choices=["sqlite", "redis"], default=None,
+                   help="store: sqlite (embedded default) or redis (replicas, many nodes); "
+                        "default $RUNTIMED_BACKEND or sqlite")
+    s.add_argument("--redis-url", default=None,
+                   help="redis://host:port/db (default $RUNTIMED_REDIS_URL or "
+                        "redis://127.0.0.1:6379/0)")
+    s.add_argument("--replica", default=None,
+                   help="this dispatcher replica's name (default host-port)")
+    s.add_argument("--reuse-port", action="store_true",
+                   help="share the port with other replicas (SO_REUSEPORT; redis backend)")
+    s.add_argument("--max-pending", type=int, default=None,
+                   help="unfinished calls before submissions get 429 (default 10000)")
+    s.add_argument("--blob-dir", default=None,
+                   help="blob directory shared by replicas (default $RUNTIMED_STATE/d/blobs)")
     s.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop a detached `up`").set_defaults(fn=cmd_down)
     s = sub.add_parser("status")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_status)
-    sub.add_parser("nodes").set_defaults(fn=cmd_nodes)
+    s = sub.add_parser("nodes", help="nodes with their holdings and load")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_nodes)
     s = sub.add_parser("ps", help="containers with state and tier")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_ps)
     sub.add_parser("images", help="images and layers").set_defaults(fn=cmd_images)
-    s = sub.add_parser("calls", help="recent calls")
+    s = sub.add_parser("calls", help="recent calls, with where and why they were placed")
     s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_calls)
     s = sub.add_parser("logs", help="a call's output")
     s.add_argument("call_id")

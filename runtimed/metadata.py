@@ -1,4 +1,6 @@
 """Dispatcher metadata in SQLite (the embedded default): functions, images, layers, calls, logs.
+Synchronous and single-process; `backend_sqlite.SqliteStore` adapts it to the `Store`
+contract (store.py) that the Redis backend implements too.
 
 Call states:  queued -> running -> succeeded | failed | cancelled
               running -> queued   (node lost or retry; at-least-once)
@@ -15,11 +17,11 @@ CREATE TABLE IF NOT EXISTS functions (
   id TEXT PRIMARY KEY, name TEXT, app TEXT, blob TEXT, image_id TEXT, config TEXT, created REAL);
 CREATE TABLE IF NOT EXISTS images (id TEXT PRIMARY KEY, spec TEXT, built REAL, report TEXT);
 CREATE TABLE IF NOT EXISTS layers (key TEXT PRIMARY KEY, digest TEXT, size INTEGER, raw_size INTEGER,
-  created REAL);
+  created REAL, extra TEXT);
 CREATE TABLE IF NOT EXISTS calls (
   id TEXT PRIMARY KEY, function_id TEXT, status TEXT, attempts INTEGER DEFAULT 0,
   args BLOB, result TEXT, result_payload BLOB, created REAL, started REAL, finished REAL,
-  node_id TEXT, tier TEXT, placement TEXT);
+  node_id TEXT, tier TEXT, placement TEXT, pin TEXT);
 CREATE INDEX IF NOT EXISTS calls_status ON calls(status);
 CREATE TABLE IF NOT EXISTS logs (call_id TEXT, seq INTEGER, stream TEXT, text TEXT, ts REAL,
   PRIMARY KEY (call_id, seq));
@@ -45,8 +47,11 @@ class Metadata:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
-        if "placement" not in cols:      # older state dirs
-            self.db.execute("ALTER TABLE calls ADD COLUMN placement TEXT")
+        for col in ("placement", "pin"):      # older state dirs
+            if col not in cols:
+                self.db.execute(f"ALTER TABLE calls ADD COLUMN {col} TEXT")
+        if "extra" not in {r[1] for r in self.db.execute("PRAGMA table_info(layers)")}:
+            self.db.execute("ALTER TABLE layers ADD COLUMN extra TEXT")
         self.db.row_factory = sqlite3.Row
 
     # functions / images / layers
@@ -80,9 +85,21 @@ class Metadata:
         return [{"id": r["id"], "built": r["built"], "report": json.loads(r["report"] or "[]")}
                 for r in self.db.execute("SELECT * FROM images ORDER BY built DESC")]
 
-    def put_layer(self, key: str, digest: str, size: int, raw_size: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO layers VALUES (?,?,?,?,?)",
-                        (key, digest, size, raw_size, time.time()))
+    def put_layer(self, key: str, digest: str, size: int, raw_size: int,
+                  extra: dict | None = None) -> None:
+        """`extra`: more about the layer's blobs (e.g. its eStargz for lazy mounts)."""
+        self.db.execute("INSERT OR REPLACE INTO layers (key, digest, size, raw_size, created, "
+                        "extra) VALUES (?,?,?,?,?,?)", (key, digest, size, raw_size, time.time(),
+                                                       json.dumps(extra or {})))
+
+    def layer_infos(self, keys: list[str]) -> dict[str, dict]:
+        """key -> {digest, size, raw_size, **extra} for the keys that have an archive."""
+        if not keys:
+            return {}
+        q = ("SELECT key, digest, size, raw_size, extra FROM layers WHERE key IN (%s)"
+             % ",".join("?" * len(keys)))
+        return {r[0]: {**json.loads(r[4] or "{}"), "digest": r[1], "size": r[2],
+                       "raw_size": r[3]} for r in self.db.execute(q, keys)}
 
     def layer_archives(self, keys: list[str]) -> dict[str, str]:
         if not keys:
@@ -91,12 +108,30 @@ class Metadata:
         return {r[0]: r[1] for r in self.db.execute(q, keys)}
 
     def list_layers(self) -> list[dict]:
-        return [dict(r) for r in self.db.execute("SELECT * FROM layers ORDER BY created")]
+        out = []
+        for r in self.db.execute("SELECT * FROM layers ORDER BY created"):
+            d = dict(r)
+            d.update(json.loads(d.pop("extra", None) or "{}"))
+            out.append(d)
+        return out
 
     # calls
-    def add_call(self, cid: str, fid: str, args: bytes) -> None:
-        self.db.execute("INSERT INTO calls (id, function_id, status, args, created) VALUES "
-                        "(?,?,?,?,?)", (cid, fid, "queued", args, time.time()))
+    def add_call(self, cid: str, fid: str, args: bytes, pin: str | None = None) -> None:
+        self.add_calls([(cid, fid, args, pin)])
+
+    def add_calls(self, calls: list[tuple[str, str, bytes, str | None]]) -> None:
+        """Insert (id, function_id, args, pin) rows as queued, in one transaction."""
+        now = time.time()
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany("INSERT INTO calls (id, function_id, status, args, created, pin) "
+                                "VALUES (?,?,?,?,?,?)",
+                                [(cid, fid, "queued", args, now, pin)
+                                 for cid, fid, args, pin in calls])
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def get_call(self, cid: str) -> dict | None:
         r = self.db.execute("SELECT * FROM calls WHERE id=?", (cid,)).fetchone()
@@ -116,9 +151,26 @@ class Metadata:
         cols = ", ".join(f"{k}=?" for k in fields)
         self.db.execute(f"UPDATE calls SET {cols} WHERE id=?", (*fields.values(), cid))
 
-    def bump_attempts(self, cid: str) -> int:
-        self.db.execute("UPDATE calls SET attempts=attempts+1 WHERE id=?", (cid,))
+    def start_attempt(self, cid: str, node_id: str, placement: str) -> int:
+        """queued -> running (or running -> running: a call taken over after its dispatcher
+        stopped), attempts + 1, in one statement; returns the attempt number."""
+        r = self.db.execute("UPDATE calls SET status='running', attempts=attempts+1, started=?, "
+                            "node_id=?, placement=? WHERE id=? AND status IN ('queued','running') "
+                            "RETURNING attempts", (time.time(), node_id, placement, cid)).fetchone()
+        if r is not None:
+            return r[0]
+        cur = self.db.execute("SELECT status FROM calls WHERE id=?", (cid,)).fetchone()
+        if cur is None:
+            raise KeyError(cid)
+        raise InvalidCallTransition(f"call {cid}: {cur[0]} -> running")
+
+    def bump_attempts(self, cid: str, delta: int = 1) -> int:
+        self.db.execute("UPDATE calls SET attempts=attempts+? WHERE id=?", (delta, cid))
         return self.db.execute("SELECT attempts FROM calls WHERE id=?", (cid,)).fetchone()[0]
+
+    def count_unfinished(self) -> int:
+        return self.db.execute(
+            "SELECT COUNT(*) FROM calls WHERE status IN ('queued','running')").fetchone()[0]
 
     def unfinished_calls(self) -> list[str]:
         return [r[0] for r in self.db.execute(
@@ -126,7 +178,7 @@ class Metadata:
 
     def list_calls(self, limit: int = 50) -> list[dict]:
         rows = self.db.execute("SELECT id, function_id, status, attempts, created, started, "
-                               "finished, node_id, tier, placement FROM calls ORDER BY created "
+                               "finished, node_id, tier, placement, pin FROM calls ORDER BY created "
                                "DESC LIMIT ?",
                                (limit,))
         return [dict(r) for r in rows]
@@ -140,6 +192,12 @@ class Metadata:
         return [dict(r) for r in self.db.execute(
             "SELECT seq, stream, text FROM logs WHERE call_id=? AND seq>? ORDER BY seq",
             (cid, after))]
+
+    def append_logs(self, cid: str, entries: list[tuple[str, str]], first_seq: int) -> None:
+        now = time.time()
+        self.db.executemany("INSERT OR REPLACE INTO logs VALUES (?,?,?,?,?)",
+                            [(cid, first_seq + i, stream, text, now)
+                             for i, (stream, text) in enumerate(entries)])
 
     def next_log_seq(self, cid: str) -> int:
         r = self.db.execute("SELECT MAX(seq) FROM logs WHERE call_id=?", (cid,)).fetchone()

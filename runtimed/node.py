@@ -196,8 +196,7 @@ class Node:
                     "tier": tier, "container_id": c.id, "node_id": self.node_id, "spans": spans,
                     **extra}
 
-        if req.get("snapshot_peers"):
-            self._snapshot_peers[fn["id"]] = list(req["snapshot_peers"])
+        self._snapshot_peers[fn["id"]] = list(req.get("snapshot_peers") or [])
         fut: asyncio.Future = loop.create_future()
         self._pool(fn).submit(Work(call_id, in_container, fut))
         try:
