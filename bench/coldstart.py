@@ -164,6 +164,9 @@ def run(args) -> dict:
             _log(f"round {rnd + 1}/{repeats} {w.name:6s} {s.name:8s} {rec['total_ms']:9.1f} ms "
                  f"tier={rec['tier']}{'' if rec['valid'] else '  INVALID ' + str(rec['error'])}")
     measure_s = time.perf_counter() - t
+    if any(s.name in ("full_pull", "lazy_image") for s in strategies):
+        for _node, nc in ctx.rt.node_clients():      # back to the default policy
+            nc.json("POST", "/v1/config", {"lazy_images": True})
 
     results = []
     for w in workloads:

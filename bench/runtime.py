@@ -102,6 +102,14 @@ class Runtime:
                     if function_id is None or s.get("function_id") == function_id]
         return sorted(out, key=lambda s: s.get("created_at", 0), reverse=True)
 
+    def evict_layers(self, keys: list[str], lazy_images: bool) -> None:
+        """Make every node forget these layers (a node with an empty image cache) and
+        choose lazy mounts or full pulls for the next start."""
+        for _node, nc in self.node_clients():
+            nc.json("POST", "/v1/config", {"lazy_images": lazy_images})
+            for k in keys:
+                nc.json("POST", f"/v1/layers/{k}/evict", {})
+
     def delete_snapshots(self, function_id: str) -> list[str]:
         """Remove the function's snapshots (only ever called for the bench's own)."""
         removed = []

@@ -113,6 +113,21 @@ def take_snapshot(ctx: Ctx, fn: Function, args: tuple) -> dict:
     return info
 
 
+def _empty_image_cache(ctx: Ctx, fn: Function, args: tuple, lazy: bool) -> dict:
+    drain(ctx, fn, args)
+    keys = [st["key"] for st in fn.image.spec()["steps"] if st["kind"] in ("run", "files")]
+    ctx.rt.evict_layers(keys, lazy_images=lazy)
+    return {"evicted_layers": len(keys)}
+
+
+def empty_cache_lazy(ctx: Ctx, fn: Function, args: tuple) -> dict:
+    return _empty_image_cache(ctx, fn, args, True)
+
+
+def empty_cache_full(ctx: Ctx, fn: Function, args: tuple) -> dict:
+    return _empty_image_cache(ctx, fn, args, False)
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
@@ -142,6 +157,9 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              prepare=drain),
     Strategy("restore_peer", "restore of a snapshot pulled from a peer node",
              implemented=False, needs="multi-node snapshot transfer + placement by snapshot"),
-    Strategy("lazy_image", "cold start on an eStargz image served lazily by FUSE",
-             implemented=False, needs="lazyfs-backed image layers on the node"),
+    Strategy("full_pull", "cold start on a node with an empty image cache: pull and unpack "
+             "every layer first", variant="plain", expect=("cold",), prepare=empty_cache_full),
+    Strategy("lazy_image", "cold start on a node with an empty image cache: eStargz layers "
+             "mounted lazily over FUSE, fetched by range on first read",
+             variant="plain", expect=("cold",), prepare=empty_cache_lazy),
 ]}

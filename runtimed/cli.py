@@ -191,11 +191,28 @@ def cmd_images(a) -> int:
     _table([{"key": r["key"][:16], "digest": r["digest"][:16],
              "size_mb": f"{r['size'] / 2**20:.1f}", "raw_mb": f"{r['raw_size'] / 2**20:.1f}"}
             for r in data["layers"]], ["key", "digest", "size_mb", "raw_mb"])
-    try:
-        nodes = _client().json("GET", "/v1/containers")
-        del nodes
-    except Error:
-        pass
+    rows = []
+    for n in _client().json("GET", "/v1/nodes")["nodes"]:
+        if not n.get("alive"):
+            continue
+        try:
+            st = Client(n["url"]).json("GET", "/v1/status", retries=0)
+        except Error as e:
+            print(f"  (node {n['node_id']}: {e})")
+            continue
+        for li in st.get("layers", []):
+            fetched = li.get("bytes_fetched")
+            rows.append({"node": n["node_id"], "key": li["key"], "state": li["state"] + (
+                " (was lazy)" if li.get("was_lazy") and li["state"] == "local" else ""),
+                "size_mb": f"{(li.get('size') or 0) / 2**20:.1f}" if li.get("size") else "",
+                "fetched_mb": f"{fetched / 2**20:.1f}" if fetched is not None else "",
+                "hits": li.get("hits", "")})
+    print("layers on nodes (local = unpacked; lazy = eStargz over FUSE, fetched on read; "
+          "remote = only in the blob store):")
+    on_nodes = {r["key"] for r in rows}
+    rows += [{"node": "-", "key": r["key"][:16], "state": "remote"} for r in data["layers"]
+             if r["key"][:16] not in on_nodes]
+    _table(rows, ["node", "key", "state", "size_mb", "fetched_mb", "hits"])
     return 0
 
 

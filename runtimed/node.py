@@ -61,6 +61,7 @@ class Node:
         self.started_at = time.time()
         self.gpus = NodeGpus(self.dir / "gpu")
         self._lazy_locks: dict[str, asyncio.Lock] = {}
+        self.lazy_images = os.environ.get("RUNTIMED_LAZY_IMAGES", "1") != "0"
         self._bg: set[asyncio.Task] = set()
         self.token: str | None = None          # for pulling snapshots from peer nodes
         self._snapshot_peers: dict[str, list[str]] = {}   # function id -> peer node URLs
@@ -350,7 +351,7 @@ class Node:
         """Policy: a layer this node lacks is mounted lazily (eStargz over FUSE, fetched by
         range on first read) so the container starts now; the full layer is pulled in the
         background and later containers use the local copy. False: pull it fully first."""
-        if os.environ.get("RUNTIMED_LAZY_IMAGES", "1") == "0" or not self.token \
+        if not self.lazy_images or not self.token \
                 or not info.get("estargz_digest") or not hasattr(self.blobs, "base_url"):
             return False
         if key in self.layers.lazy:
@@ -377,6 +378,24 @@ class Node:
                 self._bg.add(t)
                 t.add_done_callback(self._bg.discard)
             return True
+
+    async def evict_layer(self, key: str) -> dict:
+        """Forget a layer (admin, benchmarks: 'a node that never saw this image'). Refused
+        while a container of this node still uses it."""
+        if key not in self.layers.lazy and not self.layers.has(key):
+            return {"key": key[:16], "evicted": False}
+        in_use = [c.id for p in self.pools.values() for c in p.containers
+                  if any(str(layer).startswith(str(self.layers.path(key))) or
+                         (key in self.layers.lazy and
+                          str(layer) == self.layers.lazy[key].mountpoint)
+                         for layer in c.cfg.layers)]
+        if in_use:
+            raise InvalidError(f"layer {key[:16]} is in use by {', '.join(in_use)}; drain first")
+        h = self.layers.lazy.pop(key, None)
+        if h is not None:
+            await asyncio.get_running_loop().run_in_executor(None, h.unmount)
+        shutil.rmtree(self.layers.path(key), ignore_errors=True)
+        return {"key": key[:16], "evicted": True}
 
     async def _pull_full(self, key: str, archive_digest: str) -> None:
         try:

@@ -163,7 +163,18 @@ def make_app(node: Node, token: str) -> web.Application:
     async def drain(request: web.Request):
         return web.json_response({"stopped": await node.drain(request.match_info["fid"])})
 
+    async def evict_layer(request: web.Request):
+        return web.json_response(await node.evict_layer(request.match_info["key"]))
+
+    async def set_config(request: web.Request):
+        body = await read_json(request)
+        if "lazy_images" in body:
+            node.lazy_images = bool(body["lazy_images"])
+        return web.json_response({"lazy_images": node.lazy_images})
+
     app.router.add_post("/v1/pools/{fid}/drain", drain)
+    app.router.add_post("/v1/layers/{key}/evict", evict_layer)
+    app.router.add_post("/v1/config", set_config)
     async def snap_by_key(request: web.Request):
         m = node.snapshots.store.lookup(request.match_info["key"])
         if m is None:
