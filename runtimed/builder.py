@@ -80,6 +80,7 @@ class Builder:
         self.pip_binds, self.pip_env = host_pip_setup()
         # set by the node: async (key, lazy info) -> True once the layer is lazily mounted
         self.lazy_policy: Callable[[str, dict], Awaitable[bool]] | None = None
+        self.access_dir: Path | None = None    # where lazy mounts record opened files
 
     async def ensure(self, image: dict, emit: Emit, *, build: bool = True) -> list[dict]:
         """Make every layer of `image` local: cached, pulled, or built. Returns a step report."""
@@ -146,6 +147,17 @@ class Builder:
         emit({"type": "log", "text": f"    done in {time.perf_counter() - t0:.1f}s\n"})
         return "built"
 
+    def recorded_access(self, key: str) -> list[str]:
+        """The access record a lazy mount of this layer left on this node, if any."""
+        if self.access_dir is None:
+            return []
+        path = self.access_dir / f"{key[:16]}.access.json"
+        try:
+            from lazyfs.view import load_recorded
+            return load_recorded(path)
+        except (OSError, ValueError):
+            return []
+
     def _archive_digest(self, key: str) -> str:
         """The archive this node built for `key` earlier (the dispatcher also records it)."""
         ref = self.work / "refs" / key
@@ -186,7 +198,8 @@ class Builder:
         # converted concurrently.
         tmp_estargz = self.work / f"{step.key[:16]}.estargz.tmp"
         packed_fut = loop.run_in_executor(None, archive.pack_layer, upper, tmp_archive)
-        lazy_fut = loop.run_in_executor(None, _write_estargz, upper, tmp_estargz)
+        lazy_fut = loop.run_in_executor(None, _write_estargz, upper, tmp_estargz,
+                                        self.recorded_access(step.key))
         packed = await packed_fut
         lazy = await lazy_fut
         await self.blobs.put_file(tmp_archive, packed.digest)
@@ -205,11 +218,13 @@ class Builder:
               "raw_size": packed.raw_size, **lazy_info})
 
 
-def _write_estargz(upper: Path, out: Path):
-    """eStargz of a layer for lazy mounts; None (logged) if this layer cannot be one."""
+def _write_estargz(upper: Path, out: Path, prioritized: list[str] | None = None):
+    """eStargz of a layer for lazy mounts; None (logged) if this layer cannot be one.
+    `prioritized`: files a lazy mount of an earlier build of this layer saw opened; they
+    go first, before the prefetch landmark, so the next lazy start prefetches them."""
     try:
         import lazyfs
-        return lazyfs.write_layer(upper, out)
+        return lazyfs.write_layer(upper, out, prioritized=prioritized or ())
     except Exception as e:  # noqa: BLE001 - lazy images are an optimization
         import logging
         logging.getLogger(__name__).warning("no eStargz for %s: %s", upper, e)

@@ -87,6 +87,7 @@ class Node:
                                empty_dir=str(empty))
         self.builder = Builder(self.ctx, self.layers, self.blobs, self.dir / "b")
         self.builder.lazy_policy = self._lazy_mount
+        self.builder.access_dir = self.dir / "lz"
         self.network.refill_async()
         await asyncio.get_running_loop().run_in_executor(None, self.gpus.start)
 
