@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from runtimed.devcluster import free_port_pair, mounts_under
 from sdk.client import Client, default_client, reset_default_client
 from sdk.exception import Error, NodeUnavailableError
 
@@ -178,29 +179,6 @@ def environment(rt: Runtime | None = None) -> dict:
     return env
 
 
-def _free_port_pair() -> int:
-    """A port P with P and P+1 free (`runtimectl up --port P` puts the node on P+1)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65535:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free pair of ports")
-
-
-def _mounts_under(prefix: str) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [ln.split()[4] for ln in f if ln.split()[4].startswith(prefix.rstrip("/") + "/")]
-
-
 @contextlib.contextmanager
 def private_runtime(port: int | None = None, startup_timeout: float = 120.0) -> Iterator[str]:
     """`python -m runtimed.cli up --port P` with a fresh RUNTIMED_STATE; the SDK's default
@@ -208,7 +186,7 @@ def private_runtime(port: int | None = None, startup_timeout: float = 120.0) -> 
     (its own session, started here) at the end. Image layers are rebuilt in a fresh state
     dir, so the first builds are slow."""
     state = Path(tempfile.mkdtemp(prefix="bench-runtimed-"))
-    port = port or _free_port_pair()
+    port = port or free_port_pair()
     env = dict(os.environ, RUNTIMED_STATE=str(state))
     env.pop("RUNTIMED_TOKEN", None)
     env.pop("RUNTIMED_URL", None)
@@ -257,7 +235,7 @@ def private_runtime(port: int | None = None, startup_timeout: float = 120.0) -> 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         logf.close()
-        left = _mounts_under(str(state))
+        left = mounts_under(str(state))
         if left:
             print(f"[bench] the private runtime left {len(left)} mounts under {state}; "
                   "state dir kept", file=sys.stderr)

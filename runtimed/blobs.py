@@ -9,7 +9,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 import aiohttp
 
@@ -39,33 +39,30 @@ class LocalBlobStore:
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
 
-    def put_bytes(self, data: bytes, expected: str | None = None) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        if expected and expected != digest:
-            raise InvalidError(f"blob digest mismatch: sent {expected}, content is {digest}")
-        final = self.path(digest)
-        if final.exists():
-            return digest
-        final.parent.mkdir(exist_ok=True)
+    async def ingest(self, chunks: AsyncIterator[bytes], digest: str,
+                     corrupt: Callable[[str], Exception]) -> Path:
+        """Stream `chunks` into the store as `digest`, verifying the sha256 on the way;
+        `corrupt(actual)` is raised (and nothing kept) when the content does not match."""
+        h = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, final)
-        return digest
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in chunks:
+                    h.update(chunk)
+                    f.write(chunk)
+            if h.hexdigest() != digest:
+                raise corrupt(h.hexdigest())
+            self.adopt_file(Path(tmp), digest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return self.path(digest)
 
     def adopt_file(self, tmp: Path, digest: str) -> None:
         """Move a fully written, already verified temp file in as `digest`."""
         final = self.path(digest)
         final.parent.mkdir(exist_ok=True)
         os.rename(tmp, final)
-
-    def get_bytes(self, digest: str) -> bytes:
-        try:
-            return self.path(digest).read_bytes()
-        except FileNotFoundError:
-            raise NotFoundError(f"no blob {digest}") from None
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("??/*"))
@@ -89,24 +86,13 @@ class HttpBlobSource:
         path = self.cache.path(digest)
         if path.exists():
             return path
-        h = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=self.cache.root / "tmp")
-        try:
-            async with self._s().get(f"{self.base_url}/v1/blobs/{digest}") as r:
-                if r.status == 404:
-                    raise NotFoundError(f"blob {digest} is not in the dispatcher's store")
-                r.raise_for_status()
-                with os.fdopen(fd, "wb") as f:
-                    async for chunk in r.content.iter_chunked(1 << 20):
-                        h.update(chunk)
-                        f.write(chunk)
-            if h.hexdigest() != digest:
-                raise InvalidError(f"blob {digest} arrived corrupted (sha256 {h.hexdigest()})")
-            self.cache.adopt_file(Path(tmp), digest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        async with self._s().get(f"{self.base_url}/v1/blobs/{digest}") as r:
+            if r.status == 404:
+                raise NotFoundError(f"blob {digest} is not in the dispatcher's store")
+            r.raise_for_status()
+            return await self.cache.ingest(
+                r.content.iter_chunked(1 << 20), digest,
+                lambda got: InvalidError(f"blob {digest} arrived corrupted (sha256 {got})"))
 
     async def put_file(self, path: Path, digest: str) -> None:
         with open(path, "rb") as f:

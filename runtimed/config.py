@@ -49,21 +49,6 @@ class Paths:
         return self.state / "n" / node_name
 
 
-def default_url() -> str:
-    return os.environ.get("RUNTIMED_URL", f"http://127.0.0.1:{DEFAULT_PORT}")
-
-
-def read_token(paths: Paths | None = None) -> str | None:
-    """The API token: $RUNTIMED_TOKEN, else the token file written at first start."""
-    if os.environ.get("RUNTIMED_TOKEN"):
-        return os.environ["RUNTIMED_TOKEN"]
-    f = (paths or Paths.from_env()).token_file
-    try:
-        return f.read_text().strip()
-    except OSError:
-        return None
-
-
 def ensure_token(paths: Paths) -> str:
     """Create the token file (0600, created exclusively) on first start; return the token."""
     import secrets

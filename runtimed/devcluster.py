@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -217,20 +218,20 @@ class LocalCluster:
         left = self.cleanup()
         if self.redis is not None:
             self.redis.stop()
-        if not keep_state and not _mounts_under(str(self.state)):
+        if not keep_state and not mounts_under(str(self.state)):
             shutil.rmtree(self.state, ignore_errors=True)
         return left
 
     def cleanup(self) -> list[str]:
         left = []
-        for c in _runc_list():
+        for c in runc_list():
             if str(c.get("bundle", "")).startswith(str(self.state) + "/"):
                 left.append(f"runc container {c['id']}")
                 subprocess.run(["runc", "--root", RUNC_ROOT, "kill", "--all", c["id"], "KILL"],
                                capture_output=True, check=False)
                 subprocess.run(["runc", "--root", RUNC_ROOT, "delete", "--force", c["id"]],
                                capture_output=True, check=False)
-        for mp in sorted(_mounts_under(str(self.state)), key=len, reverse=True):
+        for mp in sorted(mounts_under(str(self.state)), key=len, reverse=True):
             left.append(f"mount {mp}")
             subprocess.run(["umount", "-l", mp], capture_output=True, check=False)
         try:
@@ -244,15 +245,17 @@ class LocalCluster:
         return left
 
 
-def _runc_list() -> list[dict]:
-    out = subprocess.run(["runc", "--root", RUNC_ROOT, "list", "--format", "json"],
+def runc_list(root: str = RUNC_ROOT) -> list[dict]:
+    """`runc list` as dicts (id, pid, status, bundle); [] when runc has no state there."""
+    out = subprocess.run(["runc", "--root", root, "list", "--format", "json"],
                          capture_output=True, text=True, check=False)
     if out.returncode != 0 or not out.stdout.strip():
         return []
     return json.loads(out.stdout) or []
 
 
-def _mounts_under(prefix: str) -> list[str]:
+def mounts_under(prefix: str) -> list[str]:
+    """Mount points at or below `prefix` (for cleanup of a runtime's state dir)."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -260,3 +263,22 @@ def _mounts_under(prefix: str) -> list[str]:
             if mp == prefix or mp.startswith(prefix.rstrip("/") + "/"):
                 out.append(mp)
     return out
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P+1 are both free on 127.0.0.1 (`runtimectl up --port P`
+    puts the node on P+1)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free pair of ports")

@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import os
-import tempfile
-from pathlib import Path
 
 from aiohttp import web
 
@@ -52,19 +48,9 @@ def make_app(d: Dispatcher) -> web.Application:
         if d.blobs.has(digest):
             await req.read()
             return web.json_response({"digest": digest, "existed": True})
-        h = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=d.blobs.root / "tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                async for chunk in req.content.iter_chunked(1 << 20):
-                    h.update(chunk)
-                    f.write(chunk)
-            if h.hexdigest() != digest:
-                raise InvalidError(f"blob content has sha256 {h.hexdigest()}, not {digest}")
-            d.blobs.adopt_file(Path(tmp), digest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        await d.blobs.ingest(
+            req.content.iter_chunked(1 << 20), digest,
+            lambda got: InvalidError(f"blob content has sha256 {got}, not {digest}"))
         return web.json_response({"digest": digest, "existed": False}, status=201)
 
     async def get_blob(req: web.Request):

@@ -80,6 +80,23 @@ class LayerStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    @staticmethod
+    def _size(d: Path) -> int:
+        """Bytes of file data in a layer: walked once, then remembered next to it (a
+        layer never changes, and `ps`/`images` ask for every layer on every call)."""
+        cached = d / "size"
+        try:
+            return int(cached.read_text())
+        except (OSError, ValueError):
+            pass
+        size = sum(f.stat().st_size for f in (d / "fs").rglob("*")
+                   if f.is_file() and not f.is_symlink())
+        try:
+            cached.write_text(str(size))
+        except OSError:
+            pass
+        return size
+
     def list_keys(self) -> list[LayerInfo]:
         """Complete layers, without sizes (cheap: called for every heartbeat)."""
         out = []
@@ -93,8 +110,7 @@ class LayerStore:
         for d in sorted(self.root.iterdir()):
             if d.name.startswith(".") or not (d / ".rtd-complete").exists():
                 continue
-            size = sum(f.stat().st_size for f in (d / "fs").rglob("*")
-                       if f.is_file() and not f.is_symlink())
+            size = self._size(d)
             src = (d / "source").read_text() if (d / "source").exists() else "?"
             out.append(LayerInfo(d.name, d / "fs", size, src, self._hits.get(d.name, 0)))
         return out

@@ -473,10 +473,6 @@ class Node:
         }
 
 
-def wipe_node_dir(paths: Paths, name: str) -> None:
-    shutil.rmtree(paths.node_dir(name), ignore_errors=True)
-
-
 
 
 def _cfg_wire(cfg: ContainerConfig) -> dict:

@@ -109,10 +109,6 @@ class Runc:
             return []
         return [c["id"] for c in json.loads(out or "null") or []]
 
-    async def version(self) -> str:
-        out = await self._run("--version")
-        return out.splitlines()[0].split()[-1] if out else "unknown"
-
 
 def _criu_log_tail(path: Path, n: int = 12) -> str:
     try:

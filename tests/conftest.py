@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,42 +62,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(line)
 
 
-# -- helpers -------------------------------------------------------------------------------------
-def free_port_pair() -> int:
-    """A port P such that P and P+1 are both free on 127.0.0.1 (the node takes P+1)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65535:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free pair of ports")
-
-
-def runc_containers(root: str = RUNC_ROOT) -> list[dict]:
-    """`runc list` as dicts (id, pid, status, bundle); [] when runc has no state there."""
-    out = subprocess.run(["runc", "--root", root, "list", "--format", "json"],
-                         capture_output=True, text=True)
-    if out.returncode != 0 or not out.stdout.strip():
-        return []
-    return json.loads(out.stdout) or []
-
-
-def _mounts_under(prefix: str) -> list[str]:
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].replace("\\040", " ")
-            if mp == prefix or mp.startswith(prefix.rstrip("/") + "/"):
-                points.append(mp)
-    return points
+# -- helpers (shared with bench/ and the cluster fixture: runtimed/devcluster.py) ------------
+from runtimed.devcluster import free_port_pair, mounts_under, runc_list  # noqa: E402
 
 
 @dataclass
@@ -155,11 +120,11 @@ class Runtime:
     @staticmethod
     def runc_ids() -> set[str]:
         """Ids of every container in the shared runc root (all runtimes on the machine)."""
-        return {c["id"] for c in runc_containers()}
+        return {c["id"] for c in runc_list()}
 
     def containers(self) -> list[dict]:
         """runc containers of this runtime (their bundles live under its state dir)."""
-        return [c for c in runc_containers()
+        return [c for c in runc_list()
                 if str(c.get("bundle", "")).startswith(str(self.state) + "/")]
 
 
@@ -227,7 +192,7 @@ def _stop(rt: Runtime) -> None:
                            capture_output=True)
 
     # overlay (or any) mounts under the state dir, deepest first
-    for mp in sorted(_mounts_under(str(rt.state)), key=len, reverse=True):
+    for mp in sorted(mounts_under(str(rt.state)), key=len, reverse=True):
         _leftovers.append(f"mount {mp}")
         subprocess.run(["umount", "-l", mp], capture_output=True)
 
@@ -255,7 +220,7 @@ def _stop(rt: Runtime) -> None:
         if n:
             _leftovers.append(f"{n} IP lease file(s) in {LEASE_DIR}")
 
-    still = [c["id"] for c in rt.containers()] + _mounts_under(str(rt.state))
+    still = [c["id"] for c in rt.containers()] + mounts_under(str(rt.state))
     if still:
         _notes.append(f"teardown could NOT remove: {still}")
     shutil.rmtree(rt.state, ignore_errors=True)
