@@ -1,30 +1,57 @@
 """The node's content-addressed chunk cache, shared by every lazy mount on the node.
 
 Layout: ROOT/sha256/ab/abcdef... holds the uncompressed bytes of one verified chunk, named
-by its chunkDigest; ROOT/tmp/ holds writes in progress. A chunk file appears only by
-rename after its digest was checked, so a reader never sees a partial or unverified chunk,
-and several mount processes may fill the cache at once (the same digest means the same
-bytes: the last rename wins harmlessly). Files are trusted on read: the directory is
-root-owned like the layer store next to it.
+by its chunkDigest; ROOT/tmp/ holds writes in progress; ROOT/pins/PID lists (one hex
+digest a line) the chunks of the layer that mount server PID serves. A chunk file appears
+only by rename after its digest was checked, so a reader never sees a partial or
+unverified chunk, and several mount processes may fill the cache at once (the same digest
+means the same bytes: the last rename wins harmlessly). Files are trusted on read: the
+directory is root-owned like the layer store next to it.
+
+Eviction is least recently used within a byte budget (`prune`). A chunk's mtime is its
+last use: set when it is stored and touched the first time each mount process hits it.
+Chunks pinned by a live mount server are never pruned, so a container reading a lazy
+layer does not lose its working set under it.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DigestMismatchError
 from .toc import check_digest
 
-__all__ = ["ChunkCache"]
+__all__ = ["CacheUsage", "ChunkCache"]
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    bytes: int
+    chunks: int
+    pinned_bytes: int
+    freed_bytes: int = 0          # by the prune that measured this
+    freed_chunks: int = 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ChunkCache:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
-        (self.root / "sha256").mkdir(parents=True, exist_ok=True)
+        for d in ("tmp", "sha256", "pins"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        self._touched: set[str] = set()
 
     def path(self, digest: str) -> Path:
         hexd = check_digest(digest, "chunk digest")[len("sha256:"):]
@@ -42,6 +69,9 @@ class ChunkCache:
         try:
             if length < 0:
                 length = os.fstat(fd).st_size - offset
+            if digest not in self._touched:      # LRU: once per process is enough
+                self._touched.add(digest)
+                os.utime(fd)
             return os.pread(fd, length, offset)
         finally:
             os.close(fd)
@@ -66,27 +96,91 @@ class ChunkCache:
                 os.unlink(tmp)
         return final
 
-    def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob("sha256/??/*"))
+    # -- pins ------------------------------------------------------------------------------
+    def pin(self, digests: list[str], pid: int | None = None) -> Path:
+        """Record that process `pid` (default: this one) serves these chunks."""
+        path = self.root / "pins" / str(pid or os.getpid())
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(check_digest(d, "chunk digest")[7:] + "\n"
+                               for d in dict.fromkeys(digests)))
+        os.replace(tmp, path)
+        return path
 
-    def prune(self, max_bytes: int) -> int:
-        """Delete least recently modified chunks until at most `max_bytes` remain.
+    def unpin(self, pid: int | None = None) -> None:
+        (self.root / "pins" / str(pid or os.getpid())).unlink(missing_ok=True)
 
-        Safe while mounts run: a mount that needs a pruned chunk fetches it again.
-        Returns the number of bytes freed.
-        """
-        files = []
+    def pinned_by(self, pid: int) -> set[str]:
+        """Chunk digests (sha256:...) pinned by `pid` (empty if none)."""
+        try:
+            text = (self.root / "pins" / str(pid)).read_text()
+        except FileNotFoundError:
+            return set()
+        return {"sha256:" + h for h in text.split()}
+
+    def pinned(self, *, exclude_pid: int | None = None) -> set[str]:
+        """Chunks pinned by live mount servers; pin files of dead ones are removed."""
+        out: set[str] = set()
+        for p in (self.root / "pins").iterdir():
+            if not p.name.isdigit():
+                continue
+            pid = int(p.name)
+            if not _alive(pid):
+                p.unlink(missing_ok=True)
+            elif pid != exclude_pid:
+                out |= self.pinned_by(pid)
+        return out
+
+    # -- size and eviction -----------------------------------------------------------------
+    def _entries(self) -> list[tuple[float, int, str, Path]]:
+        out = []
         for p in self.root.glob("sha256/??/*"):
             try:
                 st = p.stat()
             except FileNotFoundError:
                 continue
-            files.append((st.st_mtime, st.st_size, p))
-        total = sum(s for _, s, _ in files)
-        freed = 0
-        for _, size, p in sorted(files, key=lambda t: t[0]):
+            out.append((st.st_mtime, st.st_size, "sha256:" + p.name, p))
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(size for _, size, _, _ in self._entries())
+
+    def usage(self) -> CacheUsage:
+        keep = self.pinned()
+        entries = self._entries()
+        return CacheUsage(bytes=sum(e[1] for e in entries), chunks=len(entries),
+                          pinned_bytes=sum(e[1] for e in entries if e[2] in keep))
+
+    def prune(self, max_bytes: int) -> int:
+        """Delete least recently used unpinned chunks until at most `max_bytes` remain
+        (or only pinned chunks are left). Returns the number of bytes freed."""
+        return self.prune_usage(max_bytes).freed_bytes
+
+    def prune_usage(self, max_bytes: int) -> CacheUsage:
+        keep = self.pinned()
+        entries = self._entries()
+        total = sum(e[1] for e in entries)
+        pinned = sum(e[1] for e in entries if e[2] in keep)
+        freed = n = 0
+        for _, size, digest, p in sorted(entries, key=lambda e: e[0]):
             if total - freed <= max_bytes:
                 break
+            if digest in keep:
+                continue
             p.unlink(missing_ok=True)
             freed += size
+            n += 1
+        return CacheUsage(bytes=total - freed, chunks=len(entries) - n, pinned_bytes=pinned,
+                          freed_bytes=freed, freed_chunks=n)
+
+    def remove(self, digests: set[str]) -> int:
+        """Delete these chunks unless a live mount pins them; returns bytes freed."""
+        keep = self.pinned()
+        freed = 0
+        for d in digests - keep:
+            p = self.path(d)
+            try:
+                freed += p.stat().st_size
+                p.unlink()
+            except FileNotFoundError:
+                pass
         return freed

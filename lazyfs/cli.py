@@ -127,9 +127,16 @@ def cmd_serve(a: argparse.Namespace) -> dict:
                                      "" if spec.toc_digest else " unverified", spec.mountpoint)
     layer = spec.source.digest or spec.source.location
     rec = Recorder(spec.record_path, layer) if spec.record_path else None
-    view = LayerView(blob, ChunkCache(spec.cache_dir), rec)
-    serve(view, spec.mountpoint, fsname=f"lazyfs:{layer[:19]}", prefetch=spec.prefetch,
-          fetch_all=spec.fetch_all, status_path=spec.status_path, allow_other=spec.allow_other)
+    cache = ChunkCache(spec.cache_dir)
+    # the node's cache pruning spares the chunks of a layer that is being served
+    cache.pin([c.digest for c in blob.tree.chunks_in_order])
+    try:
+        view = LayerView(blob, cache, rec)
+        serve(view, spec.mountpoint, fsname=f"lazyfs:{layer[:19]}", prefetch=spec.prefetch,
+              fetch_all=spec.fetch_all, status_path=spec.status_path,
+              allow_other=spec.allow_other)
+    finally:
+        cache.unpin()
     return {}
 
 

@@ -166,6 +166,21 @@ class LayerView:
                 self._inflight.pop(c.digest, None)
             mine.set()
 
+    def _claim(self, digests: list[str]) -> dict[str, threading.Event]:
+        """Mark chunks as being fetched (those no one fetches yet); see _fetch."""
+        with self._lock:
+            mine = {d: threading.Event() for d in dict.fromkeys(digests)
+                    if d not in self._inflight}
+            self._inflight.update(mine)
+        return mine
+
+    def _release(self, claimed: dict[str, threading.Event]) -> None:
+        with self._lock:
+            for d in claimed:
+                self._inflight.pop(d, None)
+        for ev in claimed.values():
+            ev.set()
+
     # -- prefetch ------------------------------------------------------------------------
     def prefetch(self, stop: threading.Event | None = None, *, everything: bool = False,
                  on_progress: Callable[[], None] | None = None) -> int:
@@ -190,11 +205,16 @@ class LayerView:
                     j += 1
                 j = max(j, i + 1)
                 end = max(c.end for c in todo[i:j])
-                buf = self.blob.source.read(start, end - start)
-                for c in todo[i:j]:
-                    data = decode_chunk(c, buf[c.offset - start: c.end - start])
-                    self.cache.put(c.digest, data, verified=True)
-                    stored += 1
+                # Readers of these chunks wait for this range instead of fetching them again.
+                claimed = self._claim([c.digest for c in todo[i:j]])
+                try:
+                    buf = self.blob.source.read(start, end - start)
+                    for c in todo[i:j]:
+                        data = decode_chunk(c, buf[c.offset - start: c.end - start])
+                        self.cache.put(c.digest, data, verified=True)
+                        stored += 1
+                finally:
+                    self._release(claimed)
                 with self._lock:
                     self.counters.prefetched_chunks += j - i
                 if on_progress is not None:

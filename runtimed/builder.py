@@ -208,7 +208,9 @@ class Builder:
         if lazy is not None:
             await self.blobs.put_file(tmp_estargz, lazy.digest.split(":")[-1])
             lazy_info = {"estargz_digest": lazy.digest, "toc_digest": lazy.toc_digest,
-                         "estargz_size": lazy.size}
+                         "estargz_size": lazy.size, "diff_id": lazy.diff_id,
+                         "uncompressed_size": lazy.uncompressed_size,
+                         "prefetch_files": len(lazy.prioritized)}
         tmp_estargz.unlink(missing_ok=True)
         (self.work / "refs").mkdir(parents=True, exist_ok=True)
         (self.work / "refs" / step.key).write_text(packed.digest)

@@ -191,7 +191,7 @@ def cmd_images(a) -> int:
     _table([{"key": r["key"][:16], "digest": r["digest"][:16],
              "size_mb": f"{r['size'] / 2**20:.1f}", "raw_mb": f"{r['raw_size'] / 2**20:.1f}"}
             for r in data["layers"]], ["key", "digest", "size_mb", "raw_mb"])
-    rows = []
+    rows, caches = [], []
     for n in _client().json("GET", "/v1/nodes")["nodes"]:
         if not n.get("alive"):
             continue
@@ -200,7 +200,15 @@ def cmd_images(a) -> int:
         except Error as e:
             print(f"  (node {n['node_id']}: {e})")
             continue
+        cc = st.get("chunk_cache") or {}
+        if cc:
+            caches.append({"node": n["node_id"], "size_mb": f"{cc['bytes'] / 2**20:.1f}",
+                           "chunks": cc["chunks"],
+                           "in_use_mb": f"{cc['pinned_bytes'] / 2**20:.1f}",
+                           "budget_mb": f"{cc['budget_bytes'] / 2**20:.0f}"})
         for li in st.get("layers", []):
+            if li.get("published_prefetch_files"):
+                li["state"] += f" (published {li['published_prefetch_files']} prefetch files)"
             fetched = li.get("bytes_fetched")
             rows.append({"node": n["node_id"], "key": li["key"], "state": li["state"] + (
                 " (was lazy)" if li.get("was_lazy") and li["state"] == "local" else ""),
@@ -213,6 +221,10 @@ def cmd_images(a) -> int:
     rows += [{"node": "-", "key": r["key"][:16], "state": "remote"} for r in data["layers"]
              if r["key"][:16] not in on_nodes]
     _table(rows, ["node", "key", "state", "size_mb", "fetched_mb", "hits"])
+    if caches:
+        print("chunk cache of lazy mounts (least recently used chunks pruned past the budget; "
+              "in use = chunks of live mounts, never pruned):")
+        _table(caches, ["node", "size_mb", "chunks", "in_use_mb", "budget_mb"])
     return 0
 
 

@@ -5,6 +5,7 @@ placement.py) and drives it to a result.
 
     PUT  /v1/blobs/{sha256}           body = bytes (verified)      HEAD/GET as usual
     POST /v1/images                   image spec -> NDJSON build progress, last line done|error
+    POST /v1/layers/{key}/estargz     a node's rewrite of the layer's eStargz (recorded prefetch)
     POST /v1/functions                {name, app, blob, image_id, config} -> {function_id}
     POST /v1/functions/{id}/drain     stop the function's idle containers on every node
     POST /v1/calls                    {function_id, args_b64, wait, node_id?} -> call state
@@ -257,6 +258,37 @@ class Dispatcher:
                     "archive": i["digest"]}
                 for k, i in infos.items() if i.get("estargz_digest")}
         return {"archives": {k: i["digest"] for k, i in infos.items()}, "lazy_layers": lazy}
+
+    async def replace_estargz(self, key: str, body: dict) -> dict:
+        """A node rewrote layer `key`'s eStargz with the files a lazy start opened first
+        (the prefetch area): serve that blob for the layer from now on. Refused unless the
+        blob is stored, its TOC matches `toc_digest`, and it holds exactly the files (same
+        content digests) of the blob it replaces: the layer stays the same layer."""
+        info = (await self.store.layer_infos([key])).get(key)
+        if info is None or not info.get("estargz_digest"):
+            raise NotFoundError(f"layer {key[:16]} has no eStargz to replace")
+        new = require(body, "estargz_digest")
+        if body.get("replaces") and body["replaces"] != info["estargz_digest"]:
+            raise InvalidError(f"layer {key[:16]} is served from {info['estargz_digest'][:19]} "
+                               f"now, not {body['replaces'][:19]}")
+        old_path = self.blobs.path(info["estargz_digest"].split(":")[-1])
+        new_path = self.blobs.path(new.split(":")[-1])
+        if not new_path.exists():
+            raise InvalidError(f"eStargz blob {new[:19]} was not uploaded")
+        prefetch_files = await asyncio.get_running_loop().run_in_executor(
+            None, _same_layer_files, old_path, new_path, require(body, "toc_digest"))
+        extra = {k: v for k, v in info.items() if k not in ("digest", "size", "raw_size")}
+        extra.update(estargz_digest=new, toc_digest=body["toc_digest"],
+                     estargz_size=new_path.stat().st_size, prefetch_files=prefetch_files,
+                     estargz_replaced=info["estargz_digest"])
+        for k in ("diff_id", "uncompressed_size"):
+            if k in body:
+                extra[k] = body[k]
+        await self.store.put_layer(key, info["digest"], info["size"], info["raw_size"], extra)
+        self._fn_cache.clear()        # cached functions carry their image's layer fields
+        log.info("layer %s: eStargz %s -> %s (%d prefetch files)", key[:16],
+                 info["estargz_digest"][:19], new[:19], prefetch_files)
+        return {"key": key, "estargz_digest": new, "prefetch_files": prefetch_files}
 
     async def _prewarm(self, fid: str) -> None:
         try:
@@ -589,3 +621,26 @@ class Dispatcher:
 def make_app(d: Dispatcher):
     from .dispatcher_http import make_app as _make_app
     return _make_app(d)
+
+def _same_layer_files(old: os.PathLike, new: os.PathLike, toc_digest: str) -> int:
+    """Check that eStargz `new` (TOC digest `toc_digest`) holds the same entries with the
+    same content as `old`; returns how many files its prefetch area has."""
+    import lazyfs
+
+    def entries(blob) -> set:
+        return {(e.name.rstrip("/"), e.type, e.digest, e.link_name, e.mode)
+                for e in blob.toc.entries if e.type != "chunk"
+                and e.name not in (".prefetch.landmark", ".no.prefetch.landmark")}
+    srcs = [lazyfs.FileBlobSource(old), lazyfs.FileBlobSource(new)]
+    try:
+        a = lazyfs.open_estargz(srcs[0])
+        b = lazyfs.open_estargz(srcs[1], toc_digest)
+    except lazyfs.LazyFSError as e:
+        raise InvalidError(f"not a usable eStargz blob: {e}") from None
+    finally:
+        for src in srcs:
+            src.close()
+    if entries(a) != entries(b):
+        diff = sorted(entries(a) ^ entries(b))[:3]
+        raise InvalidError(f"the new eStargz holds other files than the layer's: {diff}")
+    return len(b.tree.prioritized)

@@ -82,6 +82,10 @@ def make_app(d: Dispatcher) -> web.Application:
         await resp.write_eof()
         return resp
 
+    async def post_layer_estargz(req: web.Request):
+        return web.json_response(await d.replace_estargz(req.match_info["key"],
+                                                         await read_json(req)))
+
     async def post_function(req: web.Request):
         return web.json_response({"function_id": await d.register_function(await read_json(req))})
 
@@ -187,6 +191,7 @@ def make_app(d: Dispatcher) -> web.Application:
     r.add_get("/v1/blobs/{digest}", get_blob)      # aiohttp answers HEAD through GET
     r.add_post("/v1/images", post_image)
     r.add_get("/v1/images", get_images)
+    r.add_post("/v1/layers/{key}/estargz", post_layer_estargz)
     r.add_post("/v1/functions", post_function)
     r.add_get("/v1/functions/{fid}", get_function)
     r.add_post("/v1/functions/{fid}/drain", drain_function)

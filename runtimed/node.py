@@ -28,6 +28,7 @@ from .builder import Builder, layer_keys
 from .config import Paths
 from .container import Container, ContainerConfig, NodeContext, RemoteInitError
 from .ids import new_id
+from .lazy_layers import LazyLayers
 from .layers import LayerStore
 from .netns import NetworkManager
 from .runc import Runc
@@ -60,9 +61,8 @@ class Node:
         self._mem_cond = asyncio.Condition()
         self.started_at = time.time()
         self.gpus = NodeGpus(self.dir / "gpu")
-        self._lazy_locks: dict[str, asyncio.Lock] = {}
-        self.lazy_images = os.environ.get("RUNTIMED_LAZY_IMAGES", "1") != "0"
-        self._bg: set[asyncio.Task] = set()
+        self.lazy = LazyLayers(self.dir, self.layers, blobs)
+        self._fn_latest: dict[str, dict] = {}        # function id -> newest description
         self.token: str | None = None          # for pulling snapshots from peer nodes
         self._snapshot_peers: dict[str, list[str]] = {}   # function id -> peer node URLs
         self.stats = {"calls": 0, "cold": 0, "warm": 0, "restore": 0, "errors": 0,
@@ -86,8 +86,9 @@ class Node:
         self.ctx = NodeContext(self.runc, self.network, self.dir / "c", agent_dir,
                                empty_dir=str(empty))
         self.builder = Builder(self.ctx, self.layers, self.blobs, self.dir / "b")
-        self.builder.lazy_policy = self._lazy_mount
+        self.builder.lazy_policy = self.lazy.mount
         self.builder.access_dir = self.dir / "lz"
+        self.lazy.start(self.token)
         self.network.refill_async()
         await asyncio.get_running_loop().run_in_executor(None, self.gpus.start)
 
@@ -116,12 +117,7 @@ class Node:
         for pool in list(self.pools.values()):
             await pool.close()
         self.pools.clear()
-        for key, h in list(self.layers.lazy.items()):
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, h.unmount)
-            except Exception as e:  # noqa: BLE001
-                log.warning("unmount of lazy layer %s: %s", key[:16], e)
-        self.layers.lazy.clear()
+        await self.lazy.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, self.network.drain)
 
     # -- images ------------------------------------------------------------------------------
@@ -132,13 +128,16 @@ class Node:
     # -- calls -------------------------------------------------------------------------------
     def _pool(self, fn: dict) -> FunctionPool:
         key = fn["id"]
+        # New containers use the newest description: its image's layer fields change when
+        # a layer's eStargz is republished with a recorded prefetch area.
+        self._fn_latest[key] = fn
         pool = self.pools.get(key)
         if pool is None:
             policy = PoolPolicy(
                 min_containers=int(fn.get("min_containers") or 0),
                 max_containers=int(fn.get("max_containers") or self.max_per_fn),
                 scaledown_window=float(fn.get("scaledown_window") or 60.0))
-            pool = FunctionPool(key, policy, lambda: self._new_container(fn))
+            pool = FunctionPool(key, policy, lambda: self._new_container(self._fn_latest[key]))
             self.pools[key] = pool
         return pool
 
@@ -221,6 +220,7 @@ class Node:
         finally:
             self.stats["calls"] += 1
             self.active.pop(call_id, None)
+            self.lazy.call_done(layer_keys(fn["image"]))
             if fut.done() is False:
                 fut.cancel()
 
@@ -348,38 +348,6 @@ class Node:
         return c
 
     # -- lazy images ---------------------------------------------------------------------------
-    async def _lazy_mount(self, key: str, info: dict) -> bool:
-        """Policy: a layer this node lacks is mounted lazily (eStargz over FUSE, fetched by
-        range on first read) so the container starts now; the full layer is pulled in the
-        background and later containers use the local copy. False: pull it fully first."""
-        if not self.lazy_images or not self.token \
-                or not info.get("estargz_digest") or not hasattr(self.blobs, "base_url"):
-            return False
-        if key in self.layers.lazy:
-            return True
-        async with self._lazy_locks.setdefault(key, asyncio.Lock()):
-            if key in self.layers.lazy:
-                return True
-            import lazyfs
-            mp = self.dir / "lz" / key[:16]
-            mp.mkdir(parents=True, exist_ok=True)
-            try:
-                h = await asyncio.get_running_loop().run_in_executor(None, lambda: lazyfs.mount_layer(
-                    mp, digest=info["estargz_digest"], dispatcher_url=self.blobs.base_url,
-                    token=self.token, toc_digest=info.get("toc_digest"),
-                    size=info.get("estargz_size"), cache_dir=str(self.dir / "lazy-cache"),
-                    record_path=str(self.dir / "lz" / f"{key[:16]}.access.json"),
-                    status_path=str(self.dir / "lz" / f"{key[:16]}.status.json")))
-            except Exception as e:  # noqa: BLE001 - fall back to a full pull
-                log.warning("lazy mount of layer %s failed, pulling it fully: %s", key[:16], e)
-                return False
-            self.layers.lazy[key] = h
-            if info.get("archive"):
-                t = asyncio.create_task(self._pull_full(key, info["archive"]))
-                self._bg.add(t)
-                t.add_done_callback(self._bg.discard)
-            return True
-
     async def evict_layer(self, key: str) -> dict:
         """Forget a layer (admin, benchmarks: 'a node that never saw this image'). Refused
         while a container of this node still uses it."""
@@ -392,20 +360,9 @@ class Node:
                          for layer in c.cfg.layers)]
         if in_use:
             raise InvalidError(f"layer {key[:16]} is in use by {', '.join(in_use)}; drain first")
-        h = self.layers.lazy.pop(key, None)
-        if h is not None:
-            await asyncio.get_running_loop().run_in_executor(None, h.unmount)
+        await self.lazy.forget(key)
         shutil.rmtree(self.layers.path(key), ignore_errors=True)
         return {"key": key[:16], "evicted": True}
-
-    async def _pull_full(self, key: str, archive_digest: str) -> None:
-        try:
-            path = await self.blobs.fetch(archive_digest)
-            await asyncio.get_running_loop().run_in_executor(
-                None, self.layers.adopt_archive, key, path)
-            log.info("layer %s is now local (was lazy)", key[:16])
-        except Exception as e:  # noqa: BLE001 - the lazy mount keeps serving
-            log.warning("background pull of layer %s failed: %s", key[:16], e)
 
     async def _reserve(self, mb: int, for_fn: str) -> None:
         if mb > self.memory_budget_mb:
@@ -443,12 +400,7 @@ class Node:
         far); a lazily mounted layer that has since been pulled fully says so."""
         out = {li.key: {"key": li.key, "size": li.size, "source": li.source, "hits": li.hits,
                         "state": "local"} for li in self.layers.list()}
-        for k, h in self.layers.lazy.items():
-            st = h.status()
-            entry = out.setdefault(k[:16], {"key": k[:16], "state": "lazy", "source": "estargz"})
-            entry.update(was_lazy=True,
-                         bytes_fetched=(st.get("source") or {}).get("bytes_received"),
-                         fetched_chunks=st.get("fetched_chunks"))
+        self.lazy.states(out)
         return list(out.values())
 
     def holdings(self) -> dict:
@@ -469,7 +421,8 @@ class Node:
             "pools": {k: {"live": p.live, "idle": p.idle, "queued": len(p.queue)}
                       for k, p in self.pools.items()},
             "active_calls": list(self.active.values()), "stats": dict(self.stats),
-            "layers": self._layer_states(),
+            "layers": self._layer_states(), "chunk_cache": self.lazy.cache_usage,
+            "lazy": self.lazy.config(),
         }
 
 

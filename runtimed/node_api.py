@@ -168,9 +168,7 @@ def make_app(node: Node, token: str) -> web.Application:
 
     async def set_config(request: web.Request):
         body = await read_json(request)
-        if "lazy_images" in body:
-            node.lazy_images = bool(body["lazy_images"])
-        return web.json_response({"lazy_images": node.lazy_images})
+        return web.json_response(node.lazy.configure(body))
 
     app.router.add_post("/v1/pools/{fid}/drain", drain)
     app.router.add_post("/v1/layers/{key}/evict", evict_layer)

@@ -99,3 +99,108 @@ def test_rebuild_puts_files_a_lazy_start_opened_first(runtime):
     toc = lazyfs.open_estargz(lazyfs.FileBlobSource(str(blob)), None).toc
     names = [e.name for e in toc.entries if e.type == "reg"]
     assert names.index("data/small.txt") < names.index("data/big.bin"), names[:10]
+
+
+def _layer_info(key: str) -> dict:
+    import json
+
+    from sdk.client import default_client
+    info = {r["key"]: r for r in default_client().json("GET", "/v1/images")["layers"]}[key]
+    extra = info.get("extra") or {}
+    return {**info, **(json.loads(extra) if isinstance(extra, str) else extra)}
+
+
+def _lazy_entry(runtime, key: str, want) -> dict:
+    deadline = time.monotonic() + 15      # the mount writes its status twice a second
+    while True:
+        entry = {e["key"]: e for e in _node_status(runtime)["layers"]}.get(key[:16], {})
+        if want(entry) or time.monotonic() > deadline:
+            return entry
+        time.sleep(0.2)
+
+
+def test_recorded_prefetch_is_published_and_prefetched_by_later_mounts(runtime):
+    """After a lazy start, the node rewrites the layer's eStargz with the files the call
+    opened first and the dispatcher serves that blob for the layer from then on; a later
+    lazy mount (on a node without the layer or its chunks) prefetches exactly them."""
+    from sdk.client import Client, default_client
+    node = Client(f"http://127.0.0.1:{runtime.node_port}", runtime.token)
+    with app.run(show_progress=False):
+        assert read_small.remote() == f"small-{RUN}"
+        key = image.spec()["steps"][-1]["key"]
+        before = _layer_info(key)
+        if not before.get("prefetch_files"):
+            default_client().json("POST", f"/v1/functions/{read_small.object_id}/drain", {})
+            node.json("POST", f"/v1/layers/{key}/evict", {})
+            assert read_small.remote() == f"small-{RUN}"    # lazy; records, pulls, publishes
+            deadline = time.monotonic() + 90
+            while not _layer_info(key).get("prefetch_files"):
+                assert time.monotonic() < deadline, f"never published: {runtime.log_tail()}"
+                time.sleep(0.5)
+        after = _layer_info(key)
+        assert after["digest"] == before["digest"]              # same layer, same archive
+        assert after["estargz_digest"] != before["estargz_digest"] or before.get(
+            "prefetch_files")
+        import lazyfs
+        hexd = after["estargz_digest"].split(":")[-1]
+        blob = lazyfs.open_estargz(lazyfs.FileBlobSource(
+            str(runtime.state / "d" / "blobs" / hexd[:2] / hexd)), after["toc_digest"])
+        assert "data/small.txt" in blob.tree.prioritized
+        assert "data/big.bin" not in blob.tree.prioritized
+        # a node that never saw the layer: no local copy, no cached chunks
+        default_client().json("POST", f"/v1/functions/{read_small.object_id}/drain", {})
+        node.json("POST", f"/v1/layers/{key}/evict", {})
+        assert read_small.remote() == f"small-{RUN}"
+        entry = _lazy_entry(runtime, key, lambda e: e.get("prefetch") == "done")
+        logs = "".join(f.read_text()[-600:] for f in
+                       (runtime.node_dir / "lazy-cache" / "logs").glob("*.log"))
+        assert entry.get("prefetch") == "done" and entry["prefetched_chunks"] >= 1, (entry, logs)
+        assert entry["bytes_fetched"] < 10_000_000, entry       # not the 20 MB file
+        # the small file came with the prefetch, not by its own range read
+        assert entry["fetched_chunks"] <= entry["prefetched_chunks"], entry
+
+
+def test_dispatcher_refuses_an_estargz_with_other_files(runtime, tmp_path):
+    import hashlib
+
+    import lazyfs
+    from sdk.client import default_client
+    from sdk.exception import InvalidError
+    with app.run(show_progress=False):
+        key = image.spec()["steps"][-1]["key"]
+        (tmp_path / "l/data").mkdir(parents=True)
+        (tmp_path / "l/data/small.txt").write_text("something else\n")
+        b = lazyfs.write_layer(tmp_path / "l", tmp_path / "x.esgz",
+                               prioritized=["data/small.txt"])
+        data = b.path.read_bytes()
+        c = default_client()
+        c.put_blob(hashlib.sha256(data).hexdigest(), data)
+        with pytest.raises(InvalidError, match="other files"):
+            c.json("POST", f"/v1/layers/{key}/estargz",
+                   {"estargz_digest": b.digest, "toc_digest": b.toc_digest})
+
+
+def test_chunk_cache_budget_is_kept_and_shown(runtime):
+    """The node's chunk cache is pruned to its budget, least recently used first, but a
+    mounted layer's chunks stay; node status and `runtimectl images` show its size."""
+    from sdk.client import Client, default_client
+    node = Client(f"http://127.0.0.1:{runtime.node_port}", runtime.token)
+    with app.run(show_progress=False):
+        key = image.spec()["steps"][-1]["key"]
+        default_client().json("POST", f"/v1/functions/{read_small.object_id}/drain", {})
+        node.json("POST", f"/v1/layers/{key}/evict", {})
+        node.json("POST", "/v1/config", {"lazy_pull": "now"})
+        try:
+            assert read_small.remote() == f"small-{RUN}"        # mounted lazily, in use
+            node.json("POST", "/v1/config", {"lazy_cache_mb": 0})
+            deadline = time.monotonic() + 10
+            while (_node_status(runtime).get("chunk_cache") or {}).get("budget_bytes") != 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            usage = _node_status(runtime)["chunk_cache"]
+            # everything left is pinned by the live mount; nothing it serves was dropped
+            assert usage["bytes"] == usage["pinned_bytes"] > 0, usage
+            out = runtime.cli("images").stdout
+            assert "chunk cache" in out, out
+        finally:
+            node.json("POST", "/v1/config", {"lazy_cache_mb": 4096, "lazy_pull": "defer"})

@@ -160,3 +160,58 @@ def test_cache_refuses_wrong_bytes_and_prunes(tmp_path: Path):
         cache.put("sha256:" + hashlib.sha256(data).hexdigest(), data)
     assert cache.total_bytes() == 4000
     assert cache.prune(2500) == 2000 and cache.total_bytes() == 2000
+
+
+def _put(cache: ChunkCache, i: int, size: int = 1000) -> str:
+    import hashlib
+    data = bytes([i]) * size
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    cache.put(digest, data)
+    return digest
+
+
+def test_cache_prunes_least_recently_used_first(tmp_path: Path):
+    import os
+    cache = ChunkCache(tmp_path / "c")
+    digests = [_put(cache, i) for i in range(4)]
+    for age, d in enumerate(digests):             # oldest: digests[0]
+        os.utime(cache.path(d), (1000 + age, 1000 + age))
+    # a read makes a chunk the most recently used one
+    assert ChunkCache(tmp_path / "c").read(digests[0]) == bytes([0]) * 1000
+    u = cache.prune_usage(2000)
+    assert (u.freed_chunks, u.bytes, u.chunks) == (2, 2000, 2)
+    assert [cache.has(d) for d in digests] == [True, False, False, True]
+
+
+def test_cache_never_prunes_chunks_a_live_mount_pins(tmp_path: Path):
+    import subprocess
+    import sys
+    cache = ChunkCache(tmp_path / "c")
+    digests = [_put(cache, i) for i in range(4)]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        cache.pin(digests[:2], pid=live.pid)
+        cache.pin(digests[2:3], pid=2**22 + 7)       # no such process: a stale pin
+        assert cache.pinned() == set(digests[:2])
+        assert not (tmp_path / "c/pins" / str(2**22 + 7)).exists()   # cleaned up
+        u = cache.prune_usage(0)
+        assert (u.bytes, u.pinned_bytes, u.freed_chunks) == (2000, 2000, 2)
+        assert cache.has(digests[0]) and cache.has(digests[1])
+        assert cache.remove(set(digests)) == 0         # remove() spares them as well
+    finally:
+        live.kill()
+        live.wait()
+    assert cache.remove(set(digests)) == 2000 and cache.total_bytes() == 0
+
+
+def test_reads_wait_for_the_prefetch_instead_of_fetching_again(tmp_path: Path, layer: Path):
+    view, src = _view(tmp_path, layer, prioritized=["usr/lib/python3/text.py"])
+    src.delay = 0.3
+    t = threading.Thread(target=view.prefetch)
+    t.start()
+    time.sleep(0.1)                                    # the prefetch's range read is under way
+    ino = _ino(view, "usr/lib/python3/text.py")
+    want = (layer / "usr/lib/python3/text.py").read_bytes()
+    assert view.read(ino, 0, len(want)) == want
+    t.join()
+    assert len(src.reads) == 1 and view.counters.fetched_chunks == 0

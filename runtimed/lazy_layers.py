@@ -1,0 +1,289 @@
+"""Lazy image layers on a node: mount what is missing, pull it behind, share what was learned.
+
+The life of a layer this node lacks (see docs/design.md, "Lazy images"):
+
+1. mount   its eStargz from the dispatcher over FUSE (`lazyfs.mount_layer`) and use the
+           mount as the overlay lower dir at once; the mount prefetches the blob's
+           prioritized area (the recorded working set, if the blob has one) in few large
+           range reads and records which files the container opens;
+2. pull    the full tar.zst behind it. With the `defer` policy (default) the pull waits
+           until the first call on the layer finished (bounded by PULL_DEFER_S), so it
+           does not compete with that call's on-demand reads for the CPUs, and unpacks at
+           the lowest CPU priority;
+3. publish once the layer is local and the blob had no working set yet, rewrite its
+           eStargz with the recorded files first (a `nice`d `python -m lazyfs convert`),
+           upload it and make the dispatcher serve it for the layer from now on. The
+           layer key and its files stay the same; only the eStargz blob (and its TOC
+           and diff_id, the tar being reordered) change. Later lazy mounts on any node
+           then prefetch exactly that working set.
+
+The chunk cache the mounts share is kept within a byte budget (least recently used
+chunks go first, chunks of a live mount never), pruned in the background.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+
+from .layers import LayerStore
+
+log = logging.getLogger(__name__)
+
+PULL_POLICIES = ("defer", "now")
+PULL_DEFER_S = 30.0                  # the longest a full pull waits for the first call
+PRUNE_INTERVAL_S = 30.0
+DEFAULT_CACHE_BUDGET_MB = 4096
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _thread_nice(value: int) -> None:
+    """Set this thread's nice value only (Linux schedules threads singly); root may raise
+    it back."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
+    except OSError:
+        pass
+
+
+class LazyLayers:
+    def __init__(self, node_dir: Path, layers: LayerStore, blobs):
+        self.dir, self.layers, self.blobs = node_dir, layers, blobs
+        self.mount_dir = node_dir / "lz"
+        self.cache_dir = node_dir / "lazy-cache"
+        self.enabled = os.environ.get("RUNTIMED_LAZY_IMAGES", "1") != "0"
+        self.prefetch = True            # mount-time prefetch of a blob's prioritized area
+        policy = os.environ.get("RUNTIMED_LAZY_PULL", "defer")
+        self.pull_policy = policy if policy in PULL_POLICIES else "defer"
+        self.publish = os.environ.get("RUNTIMED_LAZY_PUBLISH", "1") != "0"
+        self.cache_budget = _env_int("RUNTIMED_LAZY_CACHE_MB", DEFAULT_CACHE_BUDGET_MB) << 20
+        self.token: str | None = None
+        self.cache_usage: dict | None = None
+        self.published: dict[str, dict] = {}          # layer key -> what this node published
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._first_call: dict[str, asyncio.Event] = {}
+        self._bg: set[asyncio.Task] = set()
+        self._prune_lock = asyncio.Lock()
+
+    # -- 1. mount ---------------------------------------------------------------------------
+    def _paths(self, key: str) -> tuple[Path, Path, Path]:
+        k = key[:16]
+        return (self.mount_dir / k, self.mount_dir / f"{k}.access.json",
+                self.mount_dir / f"{k}.status.json")
+
+    async def mount(self, key: str, info: dict) -> bool:
+        """Policy: a layer this node lacks is mounted lazily so the container starts now;
+        the full layer is pulled behind it. False: pull it fully first."""
+        if not self.enabled or not self.token or not info.get("estargz_digest") \
+                or not hasattr(self.blobs, "base_url"):
+            return False
+        if key in self.layers.lazy:
+            return True
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if key in self.layers.lazy:
+                return True
+            import lazyfs
+            mp, record, status = self._paths(key)
+            mp.mkdir(parents=True, exist_ok=True)
+            status.unlink(missing_ok=True)         # an earlier mount's, not this one's
+            try:
+                h = await asyncio.get_running_loop().run_in_executor(None, lambda: lazyfs.mount_layer(
+                    mp, digest=info["estargz_digest"], dispatcher_url=self.blobs.base_url,
+                    token=self.token, toc_digest=info.get("toc_digest"),
+                    size=info.get("estargz_size"), cache_dir=str(self.cache_dir),
+                    record_path=str(record), status_path=str(status),
+                    prefetch=self.prefetch))
+            except Exception as e:  # noqa: BLE001 - fall back to a full pull
+                log.warning("lazy mount of layer %s failed, pulling it fully: %s", key[:16], e)
+                return False
+            self.layers.lazy[key] = h
+            self._first_call[key] = asyncio.Event()
+            self._spawn(self._behind_mount(key, info))
+            return True
+
+    def call_done(self, keys: list[str]) -> None:
+        """A call on these layers ended: a deferred full pull may start now."""
+        for k in keys:
+            ev = self._first_call.get(k)
+            if ev is not None:
+                ev.set()
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    # -- 2. pull ----------------------------------------------------------------------------
+    async def _behind_mount(self, key: str, info: dict) -> None:
+        if not info.get("archive"):
+            return
+        if self.pull_policy == "defer":
+            try:
+                await asyncio.wait_for(self._first_call[key].wait(), PULL_DEFER_S)
+            except TimeoutError:
+                pass
+        t0 = time.perf_counter()
+        try:
+            path = await self.blobs.fetch(info["archive"])
+            await asyncio.get_running_loop().run_in_executor(None, self._adopt_low, key, path)
+            log.info("layer %s is now local (was lazy; pulled in %.1fs)", key[:16],
+                     time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - the lazy mount keeps serving
+            log.warning("background pull of layer %s failed: %s", key[:16], e)
+            return
+        if self.publish and not info.get("prefetch_files"):
+            try:
+                await self._publish(key, info)
+            except Exception as e:  # noqa: BLE001 - an optimization for later mounts
+                log.warning("publishing the recorded prefetch of layer %s failed: %s",
+                            key[:16], e)
+        await self.prune()
+
+    def _adopt_low(self, key: str, path: Path) -> None:
+        _thread_nice(19)         # the unpack (zstd + tar) yields the CPUs to the containers
+        try:
+            self.layers.adopt_archive(key, path)
+        finally:
+            _thread_nice(0)      # executor threads are reused
+
+    # -- 3. publish -------------------------------------------------------------------------
+    async def _publish(self, key: str, info: dict, settle_s: float = 1.0) -> dict | None:
+        """Rewrite the layer's eStargz with the files its lazy mount saw opened first and
+        make the dispatcher serve it. Returns the dispatcher's answer (None: nothing to do)."""
+        _, record, _ = self._paths(key)
+        await asyncio.sleep(settle_s)            # the recorder flushes twice a second
+        if not record.exists() or not self.layers.has(key):
+            return None
+        out = self.dir / "b" / f"{key[:16]}.prefetch.estargz"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            "nice", "-n", "15", sys.executable, "-m", "lazyfs", "convert",
+            str(self.layers.path(key) / "fs"), str(out), "--prioritized-from", str(record),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        stdout, stderr = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"lazyfs convert failed: {stderr.decode()[-500:]}")
+        blob = json.loads(stdout)
+        try:
+            if not blob["prioritized"]:
+                return None
+            await self.blobs.put_file(out, blob["digest"].split(":")[-1])
+        finally:
+            out.unlink(missing_ok=True)
+        body = {"estargz_digest": blob["digest"], "toc_digest": blob["toc_digest"],
+                "estargz_size": blob["size"], "diff_id": blob["diff_id"],
+                "uncompressed_size": blob["uncompressed_size"],
+                "prefetch_files": len(blob["prioritized"]),
+                "replaces": info.get("estargz_digest", "")}
+        async with aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=aiohttp.ClientTimeout(total=60)) as s, \
+                s.post(f"{self.blobs.base_url}/v1/layers/{key}/estargz", json=body) as r:
+            if r.status >= 300:
+                raise RuntimeError(f"dispatcher refused it: {r.status} {await r.text()}")
+            answer = await r.json()
+        self.published[key] = {**body, "convert_s": round(time.perf_counter() - t0, 2)}
+        log.info("layer %s: published eStargz %s with %d recorded files first (%.1fs)",
+                 key[:16], blob["digest"][:19], len(blob["prioritized"]),
+                 time.perf_counter() - t0)
+        return answer
+
+    # -- chunk cache --------------------------------------------------------------------------
+    async def forget(self, key: str) -> None:
+        """Unmount the layer's lazy mount (if any) and drop its chunks from the cache
+        (those another live mount serves stay): as a node that never saw the layer."""
+        h = self.layers.lazy.pop(key, None)
+        self._first_call.pop(key, None)
+        if h is None:
+            return
+        from lazyfs.cache import ChunkCache
+        loop = asyncio.get_running_loop()
+        cache = ChunkCache(self.cache_dir)
+        chunks = cache.pinned_by(h.proc.pid)
+        await loop.run_in_executor(None, h.unmount)
+        await loop.run_in_executor(None, cache.remove, chunks)
+
+    async def prune(self) -> dict:
+        """Bring the chunk cache within its budget now; returns its usage."""
+        from lazyfs.cache import ChunkCache
+        async with self._prune_lock:
+            u = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: ChunkCache(self.cache_dir).prune_usage(self.cache_budget))
+        self.cache_usage = {"bytes": u.bytes, "chunks": u.chunks,
+                            "pinned_bytes": u.pinned_bytes, "budget_bytes": self.cache_budget,
+                            "measured_at": time.time()}
+        if u.freed_chunks:
+            log.info("chunk cache: pruned %d chunks (%.1f MiB), %.1f MiB left", u.freed_chunks,
+                     u.freed_bytes / 2**20, u.bytes / 2**20)
+        return self.cache_usage
+
+    async def prune_loop(self, interval: float = PRUNE_INTERVAL_S) -> None:
+        while True:
+            try:
+                await self.prune()
+            except Exception as e:  # noqa: BLE001 - try again next round
+                log.warning("chunk cache pruning failed: %s", e)
+            await asyncio.sleep(interval)
+
+    def start(self, token: str | None) -> None:
+        self.token = token
+        self._spawn(self.prune_loop())
+
+    # -- introspection, shutdown --------------------------------------------------------------
+    def states(self, out: dict[str, dict]) -> None:
+        """Add each lazily mounted layer's state to `out` (key[:16] -> layer entry)."""
+        for k, h in self.layers.lazy.items():
+            st = h.status()
+            entry = out.setdefault(k[:16], {"key": k[:16], "state": "lazy", "source": "estargz"})
+            entry.update(was_lazy=True,
+                         bytes_fetched=(st.get("source") or {}).get("bytes_received"),
+                         fetched_chunks=st.get("fetched_chunks"),
+                         prefetched_chunks=st.get("prefetched_chunks"),
+                         prefetch=st.get("prefetch"))
+            if k in self.published:
+                entry["published_prefetch_files"] = self.published[k]["prefetch_files"]
+
+    def config(self) -> dict:
+        return {"lazy_images": self.enabled, "lazy_prefetch": self.prefetch,
+                "lazy_pull": self.pull_policy, "lazy_publish": self.publish,
+                "lazy_cache_mb": self.cache_budget >> 20}
+
+    def configure(self, body: dict) -> dict:
+        if "lazy_images" in body:
+            self.enabled = bool(body["lazy_images"])
+        if "lazy_prefetch" in body:
+            self.prefetch = bool(body["lazy_prefetch"])
+        if body.get("lazy_pull") in PULL_POLICIES:
+            self.pull_policy = body["lazy_pull"]
+        if "lazy_publish" in body:
+            self.publish = bool(body["lazy_publish"])
+        if "lazy_cache_mb" in body:
+            self.cache_budget = max(0, int(body["lazy_cache_mb"])) << 20
+            self._spawn(self.prune())
+        return self.config()
+
+    async def shutdown(self) -> None:
+        for t in list(self._bg):
+            t.cancel()
+        loop = asyncio.get_running_loop()
+        for key, h in list(self.layers.lazy.items()):
+            try:
+                await loop.run_in_executor(None, h.unmount)
+            except Exception as e:  # noqa: BLE001
+                log.warning("unmount of lazy layer %s: %s", key[:16], e)
+        self.layers.lazy.clear()
