@@ -49,6 +49,15 @@ class GpuPreemptedError(NodeUnavailableError):
 
     code = "gpu_preempted"
 
+    def __init__(self, message: str, *, by_call: str | None = None,
+                 by_function: str | None = None, priority: int | None = None,
+                 node_id: str | None = None, gpus: tuple[int, ...] | None = None):
+        super().__init__(message)
+        # on the wire next to code and message: who took the GPUs (the call's events)
+        given = {"by_call": by_call, "by_function": by_function, "priority": priority,
+                 "node_id": node_id, "gpus": list(gpus) if gpus is not None else None}
+        self.details = {k: v for k, v in given.items() if v is not None}
+
 
 class GpuAssignError(ExecutionError):
     """The host cannot bind the chosen GPUs into a container (missing /dev node, no libcuda)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,6 +147,11 @@ def parse_gpu_request(spec: Any, *, memory_gib: float | None = None, share: bool
         raise GpuRequestError("share=True needs memory_gib= (GPU memory per GPU), so jobs "
                               "can be packed onto one GPU without running it out of memory")
     return GpuRequest(types, counts.pop(), memory_mib, bool(share), priority)
+
+
+def function_gpu_request(fn: Mapping[str, Any]) -> GpuRequest | None:
+    """The GpuRequest of a registered function's config (`gpu=`, `priority=`)."""
+    return parse_gpu_request(fn.get("gpu"), priority=fn.get("priority") or 0)
 
 
 def _largest_gb(t: GpuType) -> int:

@@ -136,7 +136,7 @@ return {redis.call('HINCRBY', KEYS[1], 'attempts', 1), 'running'}
 _INT = {"attempts"}
 _FLOAT = {"created", "started", "finished"}
 _LIST_FIELDS = ("id", "function_id", "status", "attempts", "created", "started", "finished",
-                "node_id", "tier", "placement", "pin")
+                "node_id", "tier", "placement", "pin", "events")
 
 
 def _s(v) -> str:

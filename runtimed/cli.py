@@ -19,6 +19,7 @@ from sdk.client import Client
 from sdk.exception import Error
 
 from .config import DEFAULT_PORT, Paths
+from .preemption import summary as preemption_summary
 
 
 def _client() -> Client:
@@ -161,6 +162,8 @@ def _placed(p: dict | None) -> str:
     if not p:
         return ""
     out = p.get("reason", "")
+    if p.get("preempts"):
+        out += " (" + ", ".join(v.get("call_id") or v["alloc_id"] for v in p["preempts"]) + ")"
     if p.get("wait_for"):
         out += f" (best: {p.get('wait_reason')} on {p['wait_for']} was full"
         out += f", waited {p['waited_ms']:.0f} ms)" if p.get("waited_ms") else ")"
@@ -233,10 +236,12 @@ def cmd_calls(a) -> int:
     for r in rows:
         r["ms"] = f"{((r['finished'] or time.time()) - r['created']) * 1000:.0f}"
         r["placed"] = _placed(r.get("placement"))
+        r["history"] = preemption_summary(r.get("events") or [])
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0
-    _table(rows, ["id", "function_id", "status", "tier", "attempts", "node_id", "placed", "ms"])
+    _table(rows, ["id", "function_id", "status", "tier", "attempts", "node_id", "placed", "ms",
+                  "history"])
     return 0
 
 

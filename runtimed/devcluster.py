@@ -7,6 +7,7 @@ killed (-9) alone; `stop()` ends them all and removes what killed ones left behi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -84,6 +85,7 @@ class LocalCluster:
     state: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rtd-cluster-",
                                                                       dir="/var/tmp")))
     env: dict[str, str] = field(default_factory=dict)     # extra env for the dispatchers
+    node_env: dict[str, str] = field(default_factory=dict)  # extra env for the nodes
     python: str = sys.executable
     port: int = 0
     redis: LocalRedis | None = None
@@ -158,7 +160,8 @@ class LocalCluster:
         self.node_ports[name] = port
         argv = [self.python, "-m", "runtimed.cli", "node", "--name", name, "--port", str(port),
                 "--dispatcher", self.url]
-        p = Proc(name, argv, self.base_env(), self.state / f"node-{name}.log").start()
+        p = Proc(name, argv, dict(self.base_env(), **self.node_env),
+                 self.state / f"node-{name}.log").start()
         self.node_procs[name] = p
         return p
 
@@ -243,6 +246,35 @@ class LocalCluster:
         except Exception as e:  # noqa: BLE001 - best effort
             left.append(f"netns cleanup failed: {e}")
         return left
+
+
+@contextlib.contextmanager
+def running(cluster: LocalCluster, keep_state: bool = False):
+    """Start `cluster`, yield it, stop it (tests' module fixtures): the processes' log
+    tails go to stderr if it fails to start, what teardown had to remove after."""
+    try:
+        cluster.start()
+        yield cluster
+    except Exception:
+        for p in list(cluster.dispatchers.values()) + list(cluster.node_procs.values()):
+            print(f"--- {p.name} ---\n{p.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        left = cluster.stop(keep_state=keep_state)
+        if left:
+            print(f"cluster teardown removed: {left}", file=sys.stderr)
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
+    """Poll `pred` until it returns something true (returned), or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
 
 
 def runc_list(root: str = RUNC_ROOT) -> list[dict]:

@@ -18,6 +18,10 @@ Backpressure: when RUNTIMED_MAX_PENDING calls are unfinished (queued or running,
 replicas together), POST /v1/calls and /v1/calls/batch answer 429 with Retry-After
 (estimated from the recent completion rate); the SDK waits and retries.
 
+GPU priorities: a GPU call that fits nowhere may preempt GPU calls of lower priority
+(placement.py); the node stops them and each preempted call is queued again without
+using a retry, its `events` saying by which call (preemption.py).
+
 Faults: a call whose node dies (connection broken, or heartbeats missed while the
 call runs) is retried on another node, counted against the function's `retries`;
 when none are left the caller gets NodeUnavailableError saying so. Calls are
@@ -39,6 +43,7 @@ from collections import OrderedDict, deque
 
 from sdk.exception import Error, InvalidError, NodeUnavailableError, NotFoundError, OverloadedError
 
+from . import preemption
 from .blobs import LocalBlobStore
 from .builder import layer_keys
 from .config import DEFAULT_PORT, Paths
@@ -223,6 +228,9 @@ class Dispatcher:
         config = body.get("config") or {}
         if not isinstance(config, dict):
             raise InvalidError("'config' must be an object")
+        prio = config.get("priority", 0)
+        if not isinstance(prio, int) or isinstance(prio, bool):
+            raise InvalidError(f"config 'priority' must be an integer, not {prio!r}")
         if not self.blobs.has(blob):
             raise InvalidError(f"function blob {blob[:16]}… was not uploaded")
         if await self.store.get_image(image_id) is None:
@@ -408,6 +416,7 @@ class Dispatcher:
         deadline = time.monotonic() + QUEUE_TIMEOUT
         unstarted = 0
         fresh: bool | None = None        # first attempt ever: nobody wrote logs before us
+        events: list[dict] = []          # preemptions while we drove it
         while True:
             node, placement = await self.registry.place(fn, deadline, QUEUE_TIMEOUT, claim.pin)
             # terminal (cancelled meanwhile): InvalidCallTransition, handled by _drive
@@ -420,6 +429,7 @@ class Dispatcher:
                 if fn.get("snapshot") and self.peer_transfer else []
             req = {"call_id": cid, "attempt": attempts, "function": fn, "snapshot_peers": peers}
             payload = b""
+            outcome: dict
             try:
                 result = await self._run_on(node, req, claim.args, cid)
             except NodeLost as e:
@@ -440,15 +450,28 @@ class Dispatcher:
                 payload = result.pop("payload", b"")
                 if result.get("ok"):
                     await self._finish(claim, "succeeded", result, payload, attempts, placement,
-                                       fresh)
+                                       fresh, events)
                     return
                 outcome = result
             finally:
                 node.inflight -= 1
                 self.registry.wake()
+            if preemption.is_preempted(outcome):
+                # A higher-priority call took the GPUs: queue it again, without using a
+                # retry, and give it a full queue wait from now.
+                events = await self._requeue_preempted(cid, attempts, node.node_id,
+                                                       outcome["error"])
+                deadline = time.monotonic() + QUEUE_TIMEOUT
+                continue
             retryable = ("error" in outcome and outcome["error"].get("code") in RETRYABLE_CODES) \
                 or ("exc_type" in outcome and not outcome.get("init_error"))
-            if retryable and attempts <= retries:
+            if retryable and attempts > retries:     # preempted attempts do not count
+                attempts_used = preemption.counted_attempts(
+                    attempts, preemption.parse_events(((await store.get_call(cid)) or {})
+                                                      .get("events")))
+            else:
+                attempts_used = attempts
+            if retryable and attempts_used <= retries:
                 log.info("call %s attempt %d on %s failed; retrying", cid, attempts, node.node_id)
                 await store.set_status(cid, "queued")
                 await asyncio.sleep(min(0.1 * 2 ** (attempts - 1), 5.0))
@@ -459,8 +482,20 @@ class Dispatcher:
             outcome["attempts"] = attempts
             await self._finish(claim, "failed", outcome,
                                payload if "exc_type" in outcome else b"", attempts, placement,
-                               fresh)
+                               fresh, events)
             return
+
+    async def _requeue_preempted(self, cid: str, attempt: int, node_id: str,
+                                 error: dict) -> list[dict]:
+        """Record the preemption on the call and queue it again; returns its events."""
+        event = preemption.preempted_event(error, node_id, attempt, time.time())
+        call = await self.store.get_call(cid)
+        events = preemption.parse_events((call or {}).get("events")) + [event]
+        await self.store.set_status(cid, "queued", events=json.dumps(events))
+        await self.store.incr_stat("preempted")
+        log.info("call %s attempt %d on %s preempted by %s; queued again", cid, attempt,
+                 node_id, event["by_call"] or event["by_function"])
+        return events
 
     async def _run_on(self, node: NodeEntry, req: dict, args: bytes, cid: str) -> dict:
         """Run on `node`; a node that stops heartbeating meanwhile counts as lost (a frozen
@@ -480,7 +515,7 @@ class Dispatcher:
 
     async def _finish(self, claim: Claim, status: str, result: dict, payload: bytes = b"",
                       attempts: int | None = None, placement: dict | None = None,
-                      fresh: bool = False) -> None:
+                      fresh: bool = False, events: list[dict] | None = None) -> None:
         cid = claim.call_id
         await self._flush_logs_now(cid)
         try:
@@ -494,7 +529,8 @@ class Dispatcher:
             if attempts is not None:
                 res = dict(result, payload_b64=base64.b64encode(payload).decode())
                 state = {"call_id": cid, "status": status, "function_id": claim.function_id,
-                         "attempts": attempts, "placement": placement, "result": res}
+                         "attempts": attempts, "placement": placement, "result": res,
+                         "events": events or []}
                 # logs are known to be empty only for a call we drove from the start
                 self._remember(cid, state, fresh and cid not in self._logged)
                 self._notify(cid)
@@ -542,7 +578,8 @@ class Dispatcher:
             raise NotFoundError(f"unknown call {cid}")
         out = {"call_id": cid, "status": call["status"], "function_id": call["function_id"],
                "attempts": call["attempts"],
-               "placement": json.loads(call["placement"]) if call.get("placement") else None}
+               "placement": json.loads(call["placement"]) if call.get("placement") else None,
+               "events": preemption.parse_events(call.get("events"))}
         if call["status"] in TERMINAL:
             res = json.loads(call["result"] or "{}")
             res["payload_b64"] = base64.b64encode(call["result_payload"] or b"").decode()
@@ -621,6 +658,7 @@ class Dispatcher:
 def make_app(d: Dispatcher):
     from .dispatcher_http import make_app as _make_app
     return _make_app(d)
+
 
 def _same_layer_files(old: os.PathLike, new: os.PathLike, toc_digest: str) -> int:
     """Check that eStargz `new` (TOC digest `toc_digest`) holds the same entries with the

@@ -12,6 +12,7 @@ from sdk.exception import Error, InvalidError, NotFoundError
 from .dispatcher import Busy, Dispatcher, _b64
 from .http_util import auth_middleware, error_middleware, read_json, require
 from .ids import is_hex_digest, new_id
+from .preemption import parse_events
 from .store import NewCall, StoreUnavailableError
 
 log = logging.getLogger("runtimed.dispatcher")
@@ -157,6 +158,7 @@ def make_app(d: Dispatcher) -> web.Application:
         rows = await d.store.list_calls(max(1, min(limit, 10_000)))
         for row in rows:
             row["placement"] = json.loads(row["placement"]) if row.get("placement") else None
+            row["events"] = parse_events(row.get("events"))
         return web.json_response({"calls": rows})
 
     async def node_register(req: web.Request):

@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS layers (key TEXT PRIMARY KEY, digest TEXT, size INTEG
 CREATE TABLE IF NOT EXISTS calls (
   id TEXT PRIMARY KEY, function_id TEXT, status TEXT, attempts INTEGER DEFAULT 0,
   args BLOB, result TEXT, result_payload BLOB, created REAL, started REAL, finished REAL,
-  node_id TEXT, tier TEXT, placement TEXT, pin TEXT);
+  node_id TEXT, tier TEXT, placement TEXT, pin TEXT, events TEXT);
 CREATE INDEX IF NOT EXISTS calls_status ON calls(status);
 CREATE TABLE IF NOT EXISTS logs (call_id TEXT, seq INTEGER, stream TEXT, text TEXT, ts REAL,
   PRIMARY KEY (call_id, seq));
@@ -47,7 +47,7 @@ class Metadata:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(calls)")}
-        for col in ("placement", "pin"):      # older state dirs
+        for col in ("placement", "pin", "events"):      # older state dirs
             if col not in cols:
                 self.db.execute(f"ALTER TABLE calls ADD COLUMN {col} TEXT")
         if "extra" not in {r[1] for r in self.db.execute("PRAGMA table_info(layers)")}:
@@ -178,7 +178,8 @@ class Metadata:
 
     def list_calls(self, limit: int = 50) -> list[dict]:
         rows = self.db.execute("SELECT id, function_id, status, attempts, created, started, "
-                               "finished, node_id, tier, placement, pin FROM calls ORDER BY created "
+                               "finished, node_id, tier, placement, pin, events FROM calls "
+                               "ORDER BY created "
                                "DESC LIMIT ?",
                                (limit,))
         return [dict(r) for r in rows]

@@ -66,7 +66,10 @@ class Node:
         self.token: str | None = None          # for pulling snapshots from peer nodes
         self._snapshot_peers: dict[str, list[str]] = {}   # function id -> peer node URLs
         self.stats = {"calls": 0, "cold": 0, "warm": 0, "restore": 0, "errors": 0,
-                      "snapshots_taken": 0, "snapshot_failures": 0, "restore_fallbacks": 0}
+                      "snapshots_taken": 0, "snapshot_failures": 0, "restore_fallbacks": 0,
+                      "preempted": 0}
+        self._gpu_preempted: dict[str, dict] = {}     # container id -> who took its GPUs
+        self._gpu_gone: dict[str, asyncio.Event] = {}  # set when that container is gone
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -174,10 +177,18 @@ class Node:
             started_for_it = c.calls_served == 0 and c.ready_at >= t_submit
             tier = c.tier if started_for_it else ("fork" if fork else "warm")
             t0 = time.perf_counter()
-            frame = await c.call(call_id, req["args"], method=fn.get("method") or req.get("method"),
-                                 timeout=float(fn.get("timeout") or 300),
-                                 sink=lambda s, t: emit({"type": "log", "stream": s, "text": t}),
-                                 fork=fork)
+            try:
+                frame = await c.call(call_id, req["args"],
+                                     method=fn.get("method") or req.get("method"),
+                                     timeout=float(fn.get("timeout") or 300),
+                                     sink=lambda s, t: emit({"type": "log", "stream": s,
+                                                             "text": t}),
+                                     fork=fork)
+            except Exception as e:
+                if c.id in self._gpu_preempted:     # we killed it: its GPUs were taken
+                    self.stats["preempted"] += 1
+                    raise self._preempted_error(c.id) from e
+                raise
             spans = {"queue": round(queue_ms, 3)}
             if started_for_it:
                 spans.update(c.spans.items)
@@ -235,10 +246,12 @@ class Node:
         await self._reserve(memory, fn["id"])
         cid = new_id("ctr", 6)
         try:
-            gpu = await self.gpus.reserve(fn, cid)
+            gpu, eviction = await self.gpus.reserve(fn, cid, self._idle_containers)
         except BaseException:
             await self._release(memory)
             raise
+        if eviction is not None and (eviction.preempted or eviction.reclaimed):
+            await self._stop_gpu_holders(eviction, fn)
         cfg = ContainerConfig(
             layers=tuple(self.layers.fs(k) for k in layer_keys(image)),
             env=tuple(sorted((image.get("env") or {}).items())) + tuple(
@@ -256,12 +269,72 @@ class Node:
             c = await self._start_container(fn, cfg, blob_path, cid)
         except BaseException:
             await self._release(memory)
-            await self.gpus.release(cid)
+            await self._gpus_released(cid)
             raise
-        c.on_destroy.append(lambda: self.gpus.release(cid))
+        c.on_destroy.append(lambda: self._gpus_released(cid))
         c.spans.items["image"] = round(t_image, 3)
         c.on_destroy.append(lambda: self._release(memory))
+        if cid in self._gpu_preempted:      # its GPUs were taken while it was starting
+            err = self._preempted_error(cid)
+            await c.destroy()
+            raise err
         return c
+
+    # -- GPU preemption --------------------------------------------------------------------------
+    def _idle_containers(self) -> frozenset[str]:
+        return frozenset(c.id for p in self.pools.values() for c in p.containers
+                         if c.state.value == "idle")
+
+    def _gpu_allocations(self) -> list[dict]:
+        calls = {a["container"]: cid for cid, a in self.active.items() if a.get("container")}
+        return self.gpus.allocations_wire(self._idle_containers(), calls)
+
+    async def _stop_gpu_holders(self, eviction, fn: dict, wait_s: float = 30.0) -> None:
+        """Stop the containers whose GPUs `reserve` just gave to a new container of `fn`,
+        and wait until they are gone (their processes no longer hold the GPUs). A call
+        running in one fails with GpuPreemptedError: the dispatcher requeues it."""
+        pool = self.pools.get(fn["id"])
+        by_call = pool.queue[0].call_id if pool is not None and pool.queue else ""
+        waits = []
+        for a in eviction.preempted + eviction.reclaimed:
+            self._gpu_preempted[a.alloc_id] = {
+                "by_call": by_call, "by_function": str(fn.get("name", fn["id"])),
+                "priority": eviction.placement.priority, "gpus": a.gpus,
+                "victim_priority": a.priority}
+            waits.append(self._gpu_gone.setdefault(a.alloc_id, asyncio.Event()))
+        for a in eviction.preempted + eviction.reclaimed:
+            for p in list(self.pools.values()):
+                if await p.stop(a.alloc_id):
+                    log.info("GPU %s: stopped %s container %s (priority %d) for %s (priority %d)",
+                             ",".join(map(str, a.gpus)),
+                             "busy" if a in eviction.preempted else "idle", a.alloc_id,
+                             a.priority, by_call or fn["id"], eviction.placement.priority)
+                    break
+            # not in a pool: still starting; _new_container stops it once started
+        try:
+            await asyncio.wait_for(asyncio.gather(*(w.wait() for w in waits)), wait_s)
+        except TimeoutError:
+            log.warning("preempted containers still running after %.0f s: %s", wait_s,
+                        [a.alloc_id for a in eviction.preempted + eviction.reclaimed])
+
+    async def _gpus_released(self, cid: str) -> None:
+        await self.gpus.release(cid)
+        self._gpu_preempted.pop(cid, None)
+        ev = self._gpu_gone.pop(cid, None)
+        if ev is not None:
+            ev.set()
+
+    def _preempted_error(self, cid: str) -> Error:
+        from cuda_restore.errors import GpuPreemptedError
+        why = self._gpu_preempted.get(cid, {})
+        by = why.get("by_call") or f"a call of {why.get('by_function', '?')}"
+        return GpuPreemptedError(
+            f"preempted on {self.node_id}: GPU {','.join(map(str, why.get('gpus', ())))} "
+            f"given to {by} (priority {why.get('priority', '?')} > "
+            f"{why.get('victim_priority', '?')}); the call is queued again",
+            by_call=why.get("by_call", ""), by_function=why.get("by_function", ""),
+            priority=int(why.get("priority", 0)), node_id=self.node_id,
+            gpus=tuple(why.get("gpus", ())))
 
     async def _start_container(self, fn: dict, cfg: ContainerConfig, blob_path: Path,
                                cid: str | None = None) -> Container:
@@ -407,7 +480,7 @@ class Node:
         """What placement needs to know about this node (sent with every heartbeat)."""
         return {"snapshots": self.snapshots.keys(), "gpus": self.gpus.wire(),
                 "gpu": self.gpus.inventory.to_wire(),
-                "gpu_allocations": self.gpus.ledger.to_wire(),
+                "gpu_allocations": self._gpu_allocations(),
                 "layers": [li.key for li in self.layers.list_keys()],
                 "warm": {k: p.idle for k, p in self.pools.items()}}
 
@@ -417,7 +490,7 @@ class Node:
             "node_id": self.node_id, "name": self.name, "started_at": self.started_at,
             "memory_budget_mb": self.memory_budget_mb, "reserved_mb": self.reserved_mb,
             "cpu_count": os.cpu_count(), "containers": containers,
-            "gpus": self.gpus.wire(), "gpu_allocations": self.gpus.ledger.to_wire(),
+            "gpus": self.gpus.wire(), "gpu_allocations": self._gpu_allocations(),
             "pools": {k: {"live": p.live, "idle": p.idle, "queued": len(p.queue)}
                       for k, p in self.pools.items()},
             "active_calls": list(self.active.values()), "stats": dict(self.stats),
@@ -451,13 +524,19 @@ def snapshot_meta(fn: dict, cfg: ContainerConfig) -> dict[str, str]:
 
 class NodeGpus:
     """This node's GPUs: NVML inventory, driver libraries staged for containers, and the
-    ledger of which container holds which GPU (cuda_restore does the planning)."""
+    ledger of which container holds which GPU (cuda_restore does the planning).
+
+    RUNTIMED_FAKE_GPUS=<preset> (a `cuda_restore.fake_nvml.PRESETS` name, for tests and
+    development on hosts without GPUs): the inventory is that fake machine's; GPUs are
+    scheduled, reserved and preempted as usual, but nothing is bound into containers, so
+    GPU functions run on the CPU."""
 
     def __init__(self, root: Path):
         from cuda_restore.inventory import GpuProbe, NodeGpuInventory
         from cuda_restore.scheduler import GpuLedger
         self.root = root
-        self.probe = GpuProbe()
+        self.fake = os.environ.get("RUNTIMED_FAKE_GPUS", "").strip() or None
+        self.probe = GpuProbe(nvml=_fake_nvml(self.fake)) if self.fake else GpuProbe()
         self.inventory = NodeGpuInventory.empty("not read yet")
         self.ledger = GpuLedger()
         self.driver_dir: str | None = None
@@ -467,7 +546,10 @@ class NodeGpus:
         from cuda_restore import assign
         from cuda_restore.errors import GpuAssignError
         self.inventory = self.probe.read()
-        if self.inventory.gpus:
+        if self.inventory.gpus and self.fake:
+            log.warning("GPUs are fake (RUNTIMED_FAKE_GPUS=%s): GPU functions run on the CPU",
+                        self.fake)
+        elif self.inventory.gpus:
             try:
                 libs = assign.driver_libraries(assign.parse_ldconfig(assign.run_ldconfig()))
                 self.driver_dir = str(assign.stage_driver_dir(assign.plan_driver_dir(libs),
@@ -480,23 +562,29 @@ class NodeGpus:
     def wire(self) -> list:
         return self.inventory.to_wire().get("gpus", []) if self.inventory.gpus else []
 
-    async def reserve(self, fn: dict, cid: str, timeout: float = 120.0):
-        """GPUs for a new container of `fn` (None when it asks for none)."""
+    async def reserve(self, fn: dict, cid: str, idle: Callable[[], frozenset[str]],
+                      timeout: float = 120.0):
+        """GPUs for a new container `cid` of `fn`: (assignment, eviction), or (None, None)
+        when it asks for none. `idle()` names the holders serving no call now. The
+        eviction's holders are already out of the ledger: the caller MUST stop them (and
+        requeue the calls of `eviction.preempted`) before the container uses the GPUs."""
         from cuda_restore.assign import plan_assignment
         from cuda_restore.errors import NoCapacityError
-        from cuda_restore.request import parse_gpu_request
-        from cuda_restore.scheduler import place
-        req = parse_gpu_request(fn.get("gpu"))
+        from cuda_restore.preempt import plan_eviction
+        from cuda_restore.request import function_gpu_request
+        req = function_gpu_request(fn)
         if req is None:
-            return None
+            return None, None
         deadline = time.monotonic() + timeout
         async with self._cond:
             while True:
                 try:   # GpuUnsatisfiableError (never fits here) propagates as InvalidError
-                    p = place(req, {"local": self.inventory}, self.ledger,
-                              allow_preemption=False)
-                    self.ledger.allocate(cid, p, owner=cid)
-                    return plan_assignment(self.inventory, p.gpus, driver_dir=self.driver_dir)
+                    ev = plan_eviction(req, {"local": self.inventory}, self.ledger, idle())
+                    self.ledger.allocate(cid, ev.placement, owner=cid)
+                    if self.fake:
+                        return None, ev
+                    return plan_assignment(self.inventory, ev.placement.gpus,
+                                           driver_dir=self.driver_dir), ev
                 except NoCapacityError:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -510,6 +598,18 @@ class NodeGpus:
         async with self._cond:
             if self.ledger.release(cid) is not None:
                 self._cond.notify_all()
+
+    def allocations_wire(self, idle: frozenset[str], calls: dict[str, str]) -> list[dict]:
+        """The ledger for placement: each holder marked idle or with the call it runs."""
+        return [dict(a.to_wire(), idle=a.alloc_id in idle, call_id=calls.get(a.alloc_id))
+                for a in self.ledger.allocations]
+
+
+def _fake_nvml(preset: str):
+    from cuda_restore.fake_nvml import PRESETS
+    if preset not in PRESETS:
+        raise InvalidError(f"RUNTIMED_FAKE_GPUS={preset!r}: not one of {', '.join(PRESETS)}")
+    return PRESETS[preset]()
 
 
 class SnapshotAdmin:

@@ -5,6 +5,10 @@ Preference, best first (DESIGN.md):
     snapshot a node holding the function's snapshot (restore instead of cold start)
     layers   a node holding all the image's layers (no pull)
     least_loaded  any node that fits the request, least loaded first
+A GPU call considers only nodes whose GPUs can take it now (GPUs held by idle
+containers count as free: the node stops those). When none can, a call of higher
+priority goes where it preempts the fewest, lowest-priority GPU calls (reason
+"preempt"); the node stops them and the dispatcher requeues them.
 Ties are broken by load. A node "fits" when its memory (from its last heartbeat plus
 what we sent it since) has room for the request. If the best tier's nodes are all
 full, `place` still names the best full node as `wait_for`, so the caller may queue
@@ -45,10 +49,15 @@ class Placement:
     wait_for: str | None = None    # a better node that is full right now
     wait_reason: str | None = None
     candidates: int = 0
+    victims: tuple = ()            # reason "preempt": {alloc_id, call_id, priority} to evict
 
     def to_wire(self) -> dict:
-        return {"node_id": self.node_id, "reason": self.reason, "wait_for": self.wait_for,
-                "wait_reason": self.wait_reason, "candidates": self.candidates}
+        out: dict = {"node_id": self.node_id, "reason": self.reason,
+                     "wait_for": self.wait_for, "wait_reason": self.wait_reason,
+                     "candidates": self.candidates}
+        if self.victims:
+            out["preempts"] = list(self.victims)
+        return out
 
 
 def _tier(n: NodeView, fn_id: str, layer_keys: frozenset) -> int:
@@ -61,18 +70,30 @@ def _tier(n: NodeView, fn_id: str, layer_keys: frozenset) -> int:
     return 3
 
 
-def gpu_capable(nodes: list[NodeView], gpu_spec) -> tuple[list[NodeView], bool]:
-    """Nodes whose GPUs can take `gpu_spec` now, and whether any node could ever take it.
+@dataclass(frozen=True)
+class GpuFit:
+    """Where a GPU request fits: `now` (free GPUs, or GPUs held only by idle containers),
+    or only by preempting busy holders of lower priority: `preempt`, cheapest first,
+    each with the evicted allocations' wire dicts (`call_id`: the call to requeue)."""
+
+    now: list[NodeView]
+    preempt: list[tuple[NodeView, tuple[dict, ...]]] = field(default_factory=list)
+
+
+def gpu_fit(nodes: list[NodeView], gpu_spec, priority: int = 0) -> GpuFit:
+    """Which nodes can take `gpu_spec` at `priority` now, and which by preemption.
     Raises cuda_restore's GpuUnsatisfiableError (an InvalidError) when no node ever can."""
     from cuda_restore.errors import GpuUnsatisfiableError, NoCapacityError
     from cuda_restore.inventory import NodeGpuInventory
+    from cuda_restore.preempt import plan_eviction
     from cuda_restore.request import parse_gpu_request
     from cuda_restore.scheduler import Allocation, GpuLedger
-    from cuda_restore.scheduler import place as gpu_place
-    req = parse_gpu_request(gpu_spec)
+    req = parse_gpu_request(gpu_spec, priority=priority)
     if req is None:
-        return nodes, True
-    now, ever = [], False
+        return GpuFit(nodes)
+    now: list[NodeView] = []
+    costed: list[tuple[tuple, NodeView, tuple[dict, ...]]] = []
+    ever = False
     unsatisfiable: GpuUnsatisfiableError | None = None
     for n in nodes:
         inv = NodeGpuInventory.from_wire(n.gpu_inventory) if n.gpu_inventory else None
@@ -81,30 +102,52 @@ def gpu_capable(nodes: list[NodeView], gpu_spec) -> tuple[list[NodeView], bool]:
         ledger = GpuLedger()
         ledger.replace_node(n.node_id, [Allocation.from_wire(dict(a, node_id=n.node_id))
                                         for a in n.gpu_allocations])
+        idle = frozenset(str(a["alloc_id"]) for a in n.gpu_allocations if a.get("idle"))
         try:
-            gpu_place(req, {n.node_id: inv}, ledger, allow_preemption=False)
-            now.append(n)
-            ever = True
+            ev = plan_eviction(req, {n.node_id: inv}, ledger, idle)
         except NoCapacityError:
             ever = True
+            continue
         except GpuUnsatisfiableError as e:
             unsatisfiable = e
+            continue
+        ever = True
+        if not ev.preempted:
+            now.append(n)
+        else:
+            gone = {a.alloc_id for a in ev.preempted}
+            wire = tuple(a for a in n.gpu_allocations if a["alloc_id"] in gone)
+            costed.append((ev.cost, n, wire))
     if not ever:
         raise unsatisfiable or GpuUnsatisfiableError(
             f"no node has a GPU for gpu={gpu_spec!r} (nodes: "
             + ", ".join(n.node_id + (" no GPUs" if not n.gpus else "") for n in nodes) + ")")
-    return now, ever
+    costed.sort(key=lambda c: (c[0], c[1].load(), c[1].node_id))
+    return GpuFit(now, [(n, wire) for _, n, wire in costed])
+
+
+def _preempting(fit: GpuFit, memory_mb: int) -> Placement:
+    """Nothing fits without preemption: the cheapest preemption on a node with memory."""
+    for n, victims in fit.preempt:
+        if n.fits(memory_mb):
+            return Placement(n.node_id, "preempt", candidates=len(fit.preempt), victims=tuple(
+                {"alloc_id": v["alloc_id"], "call_id": v.get("call_id"),
+                 "priority": v.get("priority", 0)} for v in victims))
+    return Placement(None, "full", wait_reason="gpu")
 
 
 def place(nodes: list[NodeView], fn_id: str, layer_keys: list[str], memory_mb: int,
           policy: str = "affinity", rng: random.Random | None = None,
-          gpu: object = None) -> Placement:
+          gpu: object = None, priority: int = 0) -> Placement:
+    """`priority` (GPU calls only): a call that fits nowhere now may preempt GPU calls of
+    strictly lower priority (the placement names them in `victims`)."""
     if not nodes:
         return Placement(None, "no_nodes")
     if gpu:
-        nodes, _ = gpu_capable(nodes, gpu)
+        gfit = gpu_fit(nodes, gpu, priority)
+        nodes = gfit.now
         if not nodes:
-            return Placement(None, "full", wait_reason="gpu")
+            return _preempting(gfit, memory_mb)
     if policy == "random":
         fit = [n for n in nodes if n.fits(memory_mb)] or nodes
         return Placement((rng or random).choice(fit).node_id, "random", candidates=len(fit))

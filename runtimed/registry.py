@@ -67,6 +67,7 @@ class NodeEntry:
                 "seen_s_ago": round(time.time() - self.seen, 1) if self.seen else None,
                 "cpu": i.get("cpu"), "memory_mb": i.get("memory_mb"),
                 "reserved_mb": i.get("reserved_mb"), "gpus": len(i.get("gpus") or ()),
+                "gpu_allocations": list(i.get("gpu_allocations") or ()),
                 "snapshots": list(i.get("snapshots") or ()),
                 "layers": list(i.get("layers") or ()),
                 "warm": {k: v for k, v in (i.get("warm") or {}).items() if v}}
@@ -190,7 +191,7 @@ class NodeRegistry:
                 await self._wait_change(0.05)
                 continue
             p = place([n.view() for n in alive.values()], fn["id"], keys, mem, self.policy,
-                      gpu=fn.get("gpu"))
+                      gpu=fn.get("gpu"), priority=int(fn.get("priority") or 0))
             if p.node_id is not None and (p.wait_for is None or
                                           time.monotonic() - t0 >= AFFINITY_WAIT):
                 rec = p.to_wire()

@@ -24,7 +24,8 @@ should be idempotent (key them by `call_id`). A stored result is final: a second
 
 Call states (the same machine in both backends, see `metadata.TRANSITIONS`):
     queued -> running -> succeeded | failed | cancelled
-    running -> queued      (retry, node lost, call reclaimed from a dead replica)
+    running -> queued      (retry, node lost, GPU preempted, call reclaimed from a dead
+                            replica)
 """
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ class Store(Protocol):
         are handed to this replica at once, as `take` would: the caller drives them."""
     async def get_call(self, cid: str) -> dict | None:
         """id, function_id, status, attempts, result (JSON text), result_payload,
-        created, started, finished, node_id, tier, placement (JSON text), pin."""
+        created, started, finished, node_id, tier, placement (JSON text), pin, events
+        (JSON text: a list, e.g. preemptions, see preemption.py; None when none)."""
     async def set_status(self, cid: str, new: str, **fields) -> None:
         """A checked transition (InvalidCallTransition; KeyError for an unknown call).
         `started`/`finished` are stamped on entering running/a terminal state."""

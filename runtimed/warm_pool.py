@@ -173,6 +173,21 @@ class FunctionPool:
                 done += 1
         return done
 
+    async def stop(self, cid: str) -> bool:
+        """Stop container `cid` now (its GPUs were given to a higher-priority call): an
+        idle one as `evict_idle` does, a busy one by killing it (its call fails). False
+        when it is not this pool's."""
+        for c, slot in list(self._idle):
+            task = self._task_of.get(c.id)
+            if c.id == cid and task is not None and not slot.done():
+                task.cancel()
+                return True
+        for c in self.containers:
+            if c.id == cid:
+                await c.kill()
+                return True
+        return False
+
     async def close(self) -> None:
         self._closed = True
         for t in list(self._tasks):

@@ -15,7 +15,7 @@ from .serialization import check_closure, dumps_function
 
 _FUNCTION_OPTIONS = ("cpu", "memory", "gpu", "timeout", "retries", "min_containers",
                      "max_containers", "scaledown_window", "snapshot", "block_network",
-                     "env", "fork", "restore_mode")
+                     "env", "fork", "restore_mode", "priority")
 
 
 def enter(*, snap: bool = False):
@@ -36,7 +36,8 @@ def method():
 
 
 def _config(cpu, memory, gpu, timeout, retries, min_containers, max_containers,
-            scaledown_window, snapshot, block_network, env, fork, restore_mode=None) -> dict:
+            scaledown_window, snapshot, block_network, env, fork, restore_mode=None,
+            priority=0) -> dict:
     if isinstance(cpu, tuple):
         cpu, cpu_limit = cpu
     else:
@@ -53,6 +54,13 @@ def _config(cpu, memory, gpu, timeout, retries, min_containers, max_containers,
     for ok, msg in checks:
         if not ok:
             raise InvalidError(msg)
+    priority = 0 if priority is None else priority
+    if not isinstance(priority, int) or isinstance(priority, bool) \
+            or not -1000 <= priority <= 1000:
+        raise InvalidError(f"priority must be an integer in -1000..1000, not {priority!r}")
+    if priority and gpu is None:
+        raise InvalidError("priority= orders GPU calls (a call may preempt GPU calls of lower "
+                           "priority); this function has no gpu=")
     if gpu is not None:
         from cuda_restore.request import parse_gpu_request
         parse_gpu_request(gpu)          # GpuRequestError (an InvalidError) names the problem
@@ -61,7 +69,9 @@ def _config(cpu, memory, gpu, timeout, retries, min_containers, max_containers,
             "min_containers": int(min_containers or 0), "max_containers": max_containers,
             "scaledown_window": float(scaledown_window or 60), "snapshot": bool(snapshot),
             "block_network": bool(block_network), "env": dict(env or {}), "fork": bool(fork),
-            **({"restore_mode": restore_mode} if restore_mode not in (None, "auto") else {})}
+            **({"restore_mode": restore_mode} if restore_mode not in (None, "auto") else {}),
+            # only when set: the function id hashes the config, and 0 is the default
+            **({"priority": priority} if priority else {})}
 
 
 class App:
@@ -85,12 +95,12 @@ class App:
                  container_idle_timeout: float | None = None, snapshot: bool = False,
                  enable_memory_snapshot: bool = False, block_network: bool = False,
                  env: dict | None = None, fork: bool = False, name: str | None = None,
-                 restore_mode: str | None = None):
+                 restore_mode: str | None = None, priority: int = 0):
         cfg = _config(cpu, memory, gpu, timeout, retries,
                       min_containers if min_containers is not None else keep_warm,
                       max_containers, scaledown_window or container_idle_timeout,
                       snapshot or enable_memory_snapshot, block_network, env, fork,
-                      restore_mode)
+                      restore_mode, priority)
 
         def deco(f):
             if isinstance(f, Function):
@@ -116,7 +126,7 @@ class App:
                       options.get("min_containers", keep), options.get("max_containers"),
                       options.get("scaledown_window", idle), snap, options.get("block_network"),
                       options.get("env"), options.get("fork", False),
-                      options.get("restore_mode"))
+                      options.get("restore_mode"), options.get("priority", 0))
 
         def deco(c):
             if not inspect.isclass(c):

@@ -20,6 +20,8 @@ Each error maps to one HTTP status and a stable `code`; the dispatcher sends
 from __future__ import annotations
 
 import builtins
+from collections.abc import Mapping
+from types import MappingProxyType
 
 
 class Error(Exception):
@@ -27,9 +29,11 @@ class Error(Exception):
 
     code = "error"
     http_status = 500
+    # more fields on the wire (e.g. who preempted a GPU call); read-only unless set
+    details: Mapping[str, object] = MappingProxyType({})
 
     def to_wire(self) -> dict:
-        return {"code": self.code, "message": str(self)}
+        return {**self.details, "code": self.code, "message": str(self)}
 
 
 class InvalidError(Error):
@@ -114,4 +118,12 @@ def from_wire(err: dict) -> Error:
     if cls is ImageBuildError:
         return ImageBuildError(msg, step=err.get("step", ""), exit_code=err.get("exit_code"),
                                log_tail=err.get("log_tail", ""))
-    return cls(msg)
+    e = cls(msg)
+    # A server-side subclass this client has no class for (cuda_restore's
+    # gpu_preempted) keeps its code and fields, so relaying it does not lose them.
+    if err.get("code") and err["code"] != e.code:
+        e.code = err["code"]
+    extra = {k: v for k, v in err.items() if k not in ("code", "message")}
+    if extra:
+        e.details = extra
+    return e

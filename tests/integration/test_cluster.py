@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from runtimed.devcluster import LocalCluster, running, wait_for
 from runtimed.redis_local import redis_server_binary
 from sdk import App, FunctionCall, Image
 from sdk.client import Client
@@ -89,20 +90,10 @@ def cluster():
     if redis_server_binary() is None:
         pytest.skip("redis-server is not installed (scripts/setup.sh installs it)")
     pytest.importorskip("redis")
-    from runtimed.devcluster import LocalCluster
     cl = LocalCluster(backend="redis", nodes=3, python=PYTHON,
                       env={"RUNTIMED_MAX_PENDING": str(BOUND), "RUNTIMED_RECLAIM_IDLE_S": "5"})
-    try:
-        cl.start()
+    with running(cl, keep_state=bool(os.environ.get("RUNTIMED_TEST_KEEP_LOG"))):
         yield cl
-    except Exception:
-        for p in list(cl.dispatchers.values()) + list(cl.node_procs.values()):
-            print(f"--- {p.name} ---\n{p.log_tail()}", file=sys.stderr)
-        raise
-    finally:
-        left = cl.stop(keep_state=bool(os.environ.get("RUNTIMED_TEST_KEEP_LOG")))
-        if left:
-            print(f"cluster teardown removed: {left}", file=sys.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -117,17 +108,6 @@ def deployed(cluster, client):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def wait_for(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def node(client, node_id) -> dict:
     return next(n for n in client.json("GET", "/v1/nodes")["nodes"] if n["node_id"] == node_id)
 

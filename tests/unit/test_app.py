@@ -50,6 +50,39 @@ def test_bad_options(opts):
         app.function(**opts)
 
 
+@pytest.mark.parametrize("opts", [{"gpu": "A10G", "priority": "high"},
+                                  {"gpu": "A10G", "priority": 1.5},
+                                  {"gpu": "A10G", "priority": True},
+                                  {"gpu": "A10G", "priority": 10_000},
+                                  {"priority": 5}])          # priority orders GPU calls only
+def test_bad_priority(opts):
+    with pytest.raises(InvalidError, match="priority"):
+        App("t").function(**opts)
+
+
+def test_priority_option():
+    app = App("t")
+
+    @app.function(gpu="A10G", priority=10)
+    def hi(x):
+        return x
+
+    @app.function(gpu="A10G")
+    def lo(x):
+        return x
+
+    assert hi.config["priority"] == 10
+    assert "priority" not in lo.config      # the default leaves function ids as they were
+
+    @app.cls(gpu="A10G", priority=-5)
+    class Batch:
+        @method()
+        def go(self):
+            return 1
+
+    assert Batch.go.config["priority"] == -5
+
+
 def test_decorator_misuse():
     app = App("t")
     with pytest.raises(InvalidError):

@@ -177,6 +177,21 @@ def test_invalid_transitions_raise_and_change_nothing(make_store, path, bad):
     run(make_store, body)
 
 
+def test_a_preempted_call_is_requeued_with_its_events(make_store):
+    async def body(s):
+        await s.submit(calls("c"), bound=10)
+        assert (await s.get_call("c"))["events"] is None
+        assert await s.start_attempt("c", "node-a", "{}") == 1
+        events = json.dumps([{"type": "preempted", "by_call": "call-hi", "attempt": 1}])
+        await s.set_status("c", "queued", events=events)     # in the same transition
+        c = await s.get_call("c")
+        assert c["status"] == "queued" and json.loads(c["events"])[0]["by_call"] == "call-hi"
+        assert await s.start_attempt("c", "node-a", "{}") == 2
+        listed = next(x for x in await s.list_calls(10) if x["id"] == "c")
+        assert json.loads(listed["events"]) == json.loads(events)
+    run(make_store, body)
+
+
 def test_retry_path_and_attempts(make_store):
     async def body(s):
         await s.submit(calls("c"), bound=10)
