@@ -1,4 +1,5 @@
-"""Read what the kernel recorded about a container's cgroup (OOM kills, peak memory)."""
+"""Container cgroups: read what the kernel recorded (OOM kills, peak memory), and on
+v1 hosts create, join and remove them for restores that bypass runc."""
 from __future__ import annotations
 
 import os
@@ -51,3 +52,101 @@ def memory_rss(cgroup_path: str) -> int | None:
     v1 = os.path.join(V1_MEMORY, cgroup_path.lstrip("/"), "memory.usage_in_bytes")
     v = _read(v1) or _read(os.path.join(V2_ROOT, cgroup_path.lstrip("/"), "memory.current"))
     return int(v) if v else None
+
+
+# -- v1 hierarchy management for restores that bypass runc (see criu_restore.py) ---------
+V1_ROOT = "/sys/fs/cgroup"
+
+
+def v1_hierarchies() -> list[str]:
+    """Mounted v1 hierarchies (plus the hybrid `unified` one); [] on a pure v2 host."""
+    if os.path.exists(os.path.join(V2_ROOT, "cgroup.controllers")) or not os.path.isdir(V1_MEMORY):
+        return []
+    return sorted(os.path.join(V1_ROOT, d) for d in os.listdir(V1_ROOT)
+                  if os.path.exists(os.path.join(V1_ROOT, d, "cgroup.procs")))
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _dev_rule(r: dict) -> str:
+    num = lambda v: "*" if v is None or v < 0 else str(v)   # noqa: E731
+    return f"{r.get('type', 'a')} {num(r.get('major'))}:{num(r.get('minor'))} {r.get('access', 'rwm')}"
+
+
+def v1_create(cgroup_path: str, resources: dict) -> None:
+    """Create `cgroup_path` in every v1 hierarchy and apply the OCI `linux.resources` the
+    way runc's fs driver does (the subset our bundles use: memory, cpu, pids, devices)."""
+    rel = cgroup_path.strip("/")
+    for h in v1_hierarchies():
+        d = os.path.join(h, rel)
+        os.makedirs(d, exist_ok=True)
+        if os.path.basename(h) == "cpuset":      # empty cpus/mems refuse every task
+            parts = rel.split("/")
+            for i in range(1, len(parts) + 1):
+                cur, parent = os.path.join(h, *parts[:i]), os.path.join(h, *parts[:i - 1])
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    if not (_read(os.path.join(cur, f)) or "").strip():
+                        _write(os.path.join(cur, f), _read(os.path.join(parent, f)) or "")
+    mem = resources.get("memory") or {}
+    md = os.path.join(V1_MEMORY, rel)
+    if mem.get("limit"):
+        _write(os.path.join(md, "memory.limit_in_bytes"), str(mem["limit"]))
+        if mem.get("swap") and os.path.exists(os.path.join(md, "memory.memsw.limit_in_bytes")):
+            _write(os.path.join(md, "memory.memsw.limit_in_bytes"), str(mem["swap"]))
+    cpu = resources.get("cpu") or {}
+    cd = os.path.join(V1_ROOT, "cpu", rel)
+    for key, f in (("shares", "cpu.shares"), ("period", "cpu.cfs_period_us"),
+                   ("quota", "cpu.cfs_quota_us")):
+        if cpu.get(key):
+            _write(os.path.join(cd, f), str(cpu[key]))
+    if (resources.get("pids") or {}).get("limit"):
+        _write(os.path.join(V1_ROOT, "pids", rel, "pids.max"), str(resources["pids"]["limit"]))
+    dd = os.path.join(V1_ROOT, "devices", rel)
+    for r in resources.get("devices") or []:
+        _write(os.path.join(dd, "devices.allow" if r.get("allow") else "devices.deny"), _dev_rule(r))
+
+
+def v1_join(cgroup_path: str, pid: int) -> None:
+    """Move `pid` into `cgroup_path` in every hierarchy (children it forks follow)."""
+    for h in v1_hierarchies():
+        _write(os.path.join(h, cgroup_path.strip("/"), "cgroup.procs"), str(pid))
+
+
+def pids_in(cgroup_path: str) -> list[int]:
+    for base in (os.path.join(V1_ROOT, "pids"), os.path.join(V1_ROOT, "freezer"), V2_ROOT):
+        text = _read(os.path.join(base, cgroup_path.strip("/"), "cgroup.procs"))
+        if text is not None:
+            return [int(p) for p in text.split()]
+    return []
+
+
+def v1_kill_and_remove(cgroup_path: str, timeout: float = 5.0) -> bool:
+    """SIGKILL every process in the cgroup, wait for them to go, remove its directories.
+    False if processes were still there at the timeout (directories then stay)."""
+    import signal
+    import time
+    deadline = time.monotonic() + timeout
+    while pids := pids_in(cgroup_path):
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    for h in v1_hierarchies():
+        try:
+            os.rmdir(os.path.join(h, cgroup_path.strip("/")))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            time.sleep(0.01)            # a zombie still being reaped: one retry
+            try:
+                os.rmdir(os.path.join(h, cgroup_path.strip("/")))
+            except OSError:
+                pass
+    return True

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 from sdk.exception import ContainerCrashError, ExecutionError, FunctionTimeoutError, OOMError
 
-from . import archive, bundle, cgroups, protocol, rootfs
+from . import archive, bundle, cgroups, criu_restore, protocol, rootfs
 from .netns import NetnsHandle, NetworkManager
 
 if TYPE_CHECKING:
@@ -135,6 +135,7 @@ class Container:
         self._raw = False
         self._destroyed = False
         self._lazy_daemon: asyncio.subprocess.Process | None = None
+        self._direct = False                 # restored by CRIU directly: runc does not know it
         self.on_destroy: list[Callable[[], Awaitable[None]]] = []   # e.g. release memory
 
     # -- state ---------------------------------------------------------------------------
@@ -146,6 +147,10 @@ class Container:
     @property
     def cgroup_path(self) -> str:
         return f"/runtimed/{self.id}"
+
+    @property
+    def direct_restored(self) -> bool:
+        return self._direct
 
     @property
     def alive(self) -> bool:
@@ -212,9 +217,20 @@ class Container:
                     lazy_daemon = await start_lazy_pages(self.ctx.runc.criu or "criu",
                                                          restore.image_dir, work)
                 try:
-                    await self.ctx.runc.restore_detached(self.id, self.dir, restore.image_dir,
-                                                         work, in_r, out_w, err_w,
-                                                         lazy=restore.lazy)
+                    if criu_restore.available():
+                        # Bypass `runc restore` (see criu_restore.py): the container is
+                        # then managed through its cgroup, not runc.
+                        self._direct = True
+                        plan = criu_restore.plan(
+                            json.loads((self.dir / "config.json").read_text()),
+                            restore.image_dir, work, self.dir / "pid", lazy=restore.lazy)
+                        await criu_restore.restore(self.ctx.runc.criu or "criu", plan,
+                                                   in_r, out_w, err_w,
+                                                   env=self.ctx.runc.restore_env)
+                    else:
+                        await self.ctx.runc.restore_detached(self.id, self.dir,
+                                                             restore.image_dir, work, in_r,
+                                                             out_w, err_w, lazy=restore.lazy)
                 except BaseException:
                     if lazy_daemon is not None and lazy_daemon.returncode is None:
                         lazy_daemon.kill()
@@ -442,7 +458,14 @@ class Container:
 
     async def kill(self) -> None:
         self.state = State.DEAD
-        await self.ctx.runc.kill(self.id)
+        await self._kill_all()
+
+    async def _kill_all(self) -> None:
+        if self._direct:
+            await asyncio.get_running_loop().run_in_executor(
+                None, cgroups.v1_kill_and_remove, self.cgroup_path)
+        else:
+            await self.ctx.runc.kill(self.id)
 
     async def destroy(self) -> None:
         """Stop and remove everything the container holds; safe to call more than once."""
@@ -453,11 +476,12 @@ class Container:
         if self._stdin is not None:
             self._stdin.close()
             self._stdin = None
-        await self.ctx.runc.kill(self.id)
-        try:
-            await self.ctx.runc.delete(self.id)
-        except Exception as e:
-            log.warning("runc delete %s: %s", self.id, e)
+        await self._kill_all()
+        if not self._direct:
+            try:
+                await self.ctx.runc.delete(self.id)
+            except Exception as e:
+                log.warning("runc delete %s: %s", self.id, e)
         if self.pid:
             await asyncio.get_running_loop().run_in_executor(None, self._reap)
         for task in self._tasks:

@@ -22,7 +22,7 @@ import psutil
 from sdk.exception import (ContainerCrashError, Error, ExecutionError, InvalidError,
                            NodeUnavailableError, NotFoundError, SnapshotError)
 
-from . import agentfs, bundle, criu_env, rootfs
+from . import agentfs, bundle, cgroups, criu_env, rootfs
 from .blobs import BlobSource
 from .builder import Builder, layer_keys
 from .config import Paths
@@ -106,6 +106,9 @@ class Node:
             if cid in running:
                 await self.runc.kill(cid)
                 await self.runc.delete(cid)
+            else:       # restored by CRIU directly (criu_restore.py): only its cgroup knows it
+                await asyncio.get_running_loop().run_in_executor(
+                    None, cgroups.v1_kill_and_remove, f"/runtimed/{cid}")
         for cid in mine:
             rootfs.teardown(cdir / cid)
         for mp in (self.dir / "lz").glob("*") if (self.dir / "lz").exists() else []:

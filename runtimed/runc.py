@@ -60,7 +60,7 @@ class Runc:
         try:
             await self._run(*self._criu_flag(), *args, container_id)
         except RuncError as e:
-            raise RuncError(f"{e}\n{_criu_log_tail(work_dir / 'dump.log')}") from None
+            raise RuncError(f"{e}\n{criu_log_tail(work_dir / 'dump.log')}") from None
 
     async def restore_detached(self, container_id: str, bundle: Path, image_dir: Path,
                                work_dir: Path, stdin: int, stdout: int, stderr: int,
@@ -78,7 +78,7 @@ class Runc:
         rc = await proc.wait()
         if rc != 0:
             raise RuncError(f"runc restore failed ({rc}): {_tail_log(log)}\n"
-                            f"{_criu_log_tail(work_dir / 'restore.log')}")
+                            f"{criu_log_tail(work_dir / 'restore.log')}")
 
     def _criu_flag(self) -> list[str]:
         return ["--criu", self.criu] if self.criu else []
@@ -110,7 +110,7 @@ class Runc:
         return [c["id"] for c in json.loads(out or "null") or []]
 
 
-def _criu_log_tail(path: Path, n: int = 12) -> str:
+def criu_log_tail(path: Path, n: int = 12) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:

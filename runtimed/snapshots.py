@@ -26,7 +26,7 @@ from snapshot import transfer
 from snapshot.store import (SnapshotCorruptError, SnapshotIncompatible, SnapshotStore)
 from snapshot.transfer import PullStats
 
-from . import archive
+from . import archive, cgroups
 from .container import Container, RestoreSource
 from .runc import Runc
 
@@ -96,7 +96,10 @@ class SnapshotManager:
         loop = asyncio.get_running_loop()
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        pids = _cgroup_pids(c.cgroup_path)
+        if c.direct_restored:
+            raise SnapshotError("refusing to snapshot: this container was itself restored from "
+                                "a snapshot; snapshots are taken from cold-started containers")
+        pids = cgroups.pids_in(c.cgroup_path)
         fp = self.fingerprint
         blockers = find_blockers(await loop.run_in_executor(None, inspect_pids, pids),
                                  inet_ok=inet_sockets_dumpable(fp.kernel, fp.criu_version))
@@ -235,12 +238,3 @@ def _q(key: str) -> str:
     import urllib.parse
     return urllib.parse.quote(key, safe="")
 
-
-def _cgroup_pids(cgroup_path: str) -> list[int]:
-    for base in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
-        try:
-            text = open(f"{base}{cgroup_path}/cgroup.procs").read()
-            return [int(x) for x in text.split()]
-        except OSError:
-            continue
-    return []
