@@ -5,6 +5,8 @@ python -m bench cost [flags]
 All talk to the runtime at $RUNTIMED_URL (default http://127.0.0.1:8470, token from
 $RUNTIMED_TOKEN or /var/lib/runtimed/token); `--start` runs a private one instead
 (`python -m runtimed.cli up --port P` with a temporary RUNTIMED_STATE), stopped at the end.
+The coldstart row restore_peer joins a second node daemon of its own to that runtime for
+the run (the runtime must be on this machine); while it is there every call is pinned.
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from sdk import App
 from sdk.exception import Error
 
+from .runtime import empty_snapshot_store, submit_on
 from .stats import summary
 from .workloads import WORKLOADS
 
@@ -85,10 +86,7 @@ def _wait(pred, timeout: float, what: str):
 def _empty_snapshot_stores(cl, node_ids: list[str]) -> None:
     """Delete every snapshot on these nodes and collect their chunks."""
     for nid in node_ids:
-        nc = cl.node_client(nid)
-        for s in nc.json("GET", "/v1/snapshots")["snapshots"]:
-            nc.json("DELETE", f"/v1/snapshots/{s['snapshot_id']}")
-        nc.json("POST", "/v1/snapshots/gc", {"budget_bytes": 0})
+        empty_snapshot_store(cl.node_client(nid))
 
 
 def _held_by(cl, fid: str) -> set[str]:
@@ -233,21 +231,12 @@ def _environment() -> dict:
 
 def _pinned(client, fn, node_id: str):
     """`fn` with its next call pinned to `node_id` (POST /v1/calls with node_id)."""
-    import base64
-
-    from sdk import FunctionCall
-    from sdk.serialization import dumps_args
-
     class Pinned:
         last_call = None
 
         def remote(self, *args):
-            st = client.json("POST", "/v1/calls", {
-                "function_id": fn.object_id, "node_id": node_id, "wait": 50,
-                "args_b64": base64.b64encode(dumps_args(args, {})).decode()})
-            fc = FunctionCall(st["call_id"], client)
-            fc.last_state = st
-            if st["status"] not in ("succeeded", "failed", "cancelled"):
+            fc = submit_on(fn, args, node_id, client)
+            if fc.last_state["status"] not in ("succeeded", "failed", "cancelled"):
                 fc.get(timeout=600)
             self.last_call = fc
     return Pinned()

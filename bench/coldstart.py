@@ -2,6 +2,7 @@
 through the real SDK -> dispatcher -> node path; phases from the runtime's spans."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -10,7 +11,7 @@ from collections import Counter
 from sdk import App
 
 from .phases import PHASES, phases_of
-from .runtime import TRANSIENT_MARKS, Runtime, environment
+from .runtime import TRANSIENT_MARKS, Runtime, environment, peer_node
 from .stats import pct, r3, summary
 from .strategies import STRATEGIES, VARIANTS, Ctx, Strategy, timed_call
 from .workloads import Workload, selected
@@ -53,13 +54,27 @@ def _deploy(ctx: Ctx, workloads: list[Workload], strategies: list[Strategy],
     return fns, builds
 
 
+def _attach_peer(ctx: Ctx, stack: contextlib.ExitStack) -> None:
+    """Node B for the peer rows, up until the end of the run; from then on every call is
+    pinned (strategies.py says why). On failure the peer rows say why; the rest run."""
+    try:
+        ctx.peer = stack.enter_context(peer_node(ctx.rt))
+    except Exception as e:  # noqa: BLE001
+        ctx.peer_error = f"{type(e).__name__}: {e}"[:500]
+        _log(f"no peer node: {ctx.peer_error}")
+        return
+    ctx.home = min(n for n, _ in ctx.rt.node_clients() if n != ctx.peer)
+    _log(f"peer node {ctx.peer} attached; other calls pinned to {ctx.home}")
+
+
 def _sample(ctx: Ctx, w: Workload, s: Strategy, fn, rnd: int) -> dict:
+    node = ctx.peer if s.on_peer else ctx.home
     for _ in range(2):        # once more if the shared runtime restarted under us
         try:
             prep = s.prepare(ctx, fn, w.args) if s.prepare else {}
         except Exception as e:  # noqa: BLE001
             prep = {"prepare_error": f"{type(e).__name__}: {e}"[:300]}
-        c = timed_call(fn, w.args)
+        c = timed_call(fn, w.args, node)
         if not (c.error and transient_msg(c.error)):
             break
         ctx.note_interruption(RuntimeError(c.error))
@@ -68,11 +83,22 @@ def _sample(ctx: Ctx, w: Workload, s: Strategy, fn, rnd: int) -> dict:
     rec = {"workload": w.name, "strategy": s.name, "round": rnd, "tier": c.tier,
            "total_ms": round(c.total_ms, 3), "spans": c.spans,
            "phases": phases_of(c.spans, c.total_ms), "snapshot": c.info.get("snapshot"),
-           "container_id": c.info.get("container_id"), "error": c.error, **prep}
+           "container_id": c.info.get("container_id"), "node_id": c.info.get("node_id"),
+           "error": c.error, **prep}
     valid = c.error is None and c.tier in s.expect
+    rec["wrong_tier"] = c.error is None and c.tier not in s.expect
+    if rec["wrong_tier"]:         # an error with the runtime's reason, never a silent miss
+        why = "; ".join(x for x in (prep.get("prepare_error"), c.info.get("snapshot")) if x)
+        rec["error"] = f"tier {c.tier}, expected {'/'.join(s.expect)}" + (
+            f" ({why})" if why else "")
     if valid and w.expect is not None and c.value != w.expect:
         valid, rec["error"] = False, f"wrong result {c.value!r} (expected {w.expect!r})"
     rec["valid"] = valid
+    if s.after:
+        try:
+            rec.update(s.after(ctx, fn, prep))
+        except Exception as e:  # noqa: BLE001
+            rec["after_error"] = f"{type(e).__name__}: {e}"[:300]
     try:
         rec["rss_bytes"] = ctx.rt.rss_bytes(rec["container_id"])
     except Exception:  # noqa: BLE001
@@ -98,11 +124,16 @@ def _aggregate(w: str, s: Strategy, samples: list[dict], setup: dict) -> dict:
                           for tier in sorted({x["tier"] for x in good})}
     rss = [x["rss_bytes"] for x in good if x.get("rss_bytes")]
     rec["rss_mb_p50"] = r3(pct(rss, 50) / 2**20) if rss else None
+    pulled = [x for x in good if x.get("pulled_bytes") is not None]
+    if pulled:
+        rec["pulled"] = {"bytes_p50": r3(pct([x["pulled_bytes"] for x in pulled], 50)),
+                         "chunks_p50": r3(pct([x["pulled_chunks"] for x in pulled], 50)),
+                         "bytes_max": max(x["pulled_bytes"] for x in pulled)}
     rec["setup"] = setup
     errors = [x["error"] for x in samples if x.get("error")]
     if errors:
         rec["errors"] = errors[:3]
-    bad_tiers = [x["tier"] for x in samples if not x["valid"] and not x.get("error")]
+    bad_tiers = [x["tier"] for x in samples if x.get("wrong_tier")]
     if bad_tiers:
         rec["unexpected_tiers"] = bad_tiers
     if setup.get("error"):
@@ -116,6 +147,11 @@ def _aggregate(w: str, s: Strategy, samples: list[dict], setup: dict) -> dict:
 
 
 def run(args) -> dict:
+    with contextlib.ExitStack() as stack:     # holds the peer node, when one is attached
+        return _run(args, stack)
+
+
+def _run(args, stack: contextlib.ExitStack) -> dict:
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     rt = Runtime()
@@ -135,6 +171,8 @@ def run(args) -> dict:
 
     cells = [(w, s) for w in workloads for s in strategies
              if w.name not in skipped and s.implemented]
+    if any(s.on_peer for _, s in cells):    # after deploy: image builds stay on the home node
+        _attach_peer(ctx, stack)
     setups: dict[tuple[str, str], dict] = {}
     t = time.perf_counter()
     for w, s in cells:
@@ -206,7 +244,8 @@ def run(args) -> dict:
                loadavg_start=[round(x, 2) for x in load_start],
                loadavg_end=[round(x, 2) for x in env.pop("loadavg")], quick=quick,
                repeats=repeats, warmup_calls=args.warmup, settle_s=args.settle_s,
-               run_id=run_id, state="steady state: page and layer caches warmed by "
+               run_id=run_id, home_node=ctx.home, peer_node=ctx.peer,
+               peer_error=ctx.peer_error, state="steady state: page and layer caches warmed by "
                f"{args.warmup} unmeasured call(s) per cell before round 1")
     return {"kind": "coldstart", "environment": env,
             "workloads": {w.name: {"description": w.description, "options": w.options,

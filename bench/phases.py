@@ -7,6 +7,8 @@ Span semantics (runtimed/node.py, container.py, snapshots.py):
                    in the pool queue while the container is made), so scheduling is
                    queue minus the start spans below.
   image            ensure image layers + fetch the function blob
+  snapshot_pull    the snapshot's manifest and missing chunks fetched from a peer node
+                   (restore_peer only), before materialize
   materialize      snapshot dir ready for restore (hot copy or from chunks)
   netns, upper_restore, rootfs, runc_run | runc_restore | fork    sandbox creation
   agent_ready      init frame sent -> agent ready: interpreter boot + imports + enter
@@ -21,6 +23,7 @@ Span semantics (runtimed/node.py, container.py, snapshots.py):
 Phases (ms), which sum to the client-measured total by construction:
   scheduling    queue - start spans (warm: queue), plus nothing else
   image         image
+  transfer      snapshot_pull
   container     materialize + netns + upper_restore + rootfs + runc_run/runc_restore + fork
   interpreter   agent_snap_point + agent_ready - imports - enter (>= 0)
   imports       imports
@@ -31,8 +34,8 @@ Phases (ms), which sum to the client-measured total by construction:
 """
 from __future__ import annotations
 
-PHASES = ("scheduling", "image", "container", "interpreter", "imports", "app_init",
-          "checkpoint", "first_result")
+PHASES = ("scheduling", "image", "transfer", "container", "interpreter", "imports",
+          "app_init", "checkpoint", "first_result")
 CONTAINER_SPANS = ("materialize", "netns", "upper_restore", "rootfs", "runc_run",
                    "runc_restore", "fork")
 AGENT_SPANS = ("agent_snap_point", "agent_ready")
@@ -48,15 +51,16 @@ def _g(spans: dict, k: str) -> float:
 def phases_of(spans: dict, total_ms: float) -> dict[str, float]:
     """The phase breakdown of one call (ms). `spans` as the runtime returns them."""
     image = _g(spans, "image")
+    transfer = _g(spans, "snapshot_pull")
     container = sum(_g(spans, k) for k in CONTAINER_SPANS)
     agent = sum(_g(spans, k) for k in AGENT_SPANS)
     imports, enter, resume = _g(spans, "imports"), _g(spans, "enter"), _g(spans, "resume")
     checkpoint = _g(spans, "checkpoint")
     interpreter = max(0.0, agent - imports - enter)
     # fork happens inside the call on a warm zygote, not while the call is queued
-    start = image + container - _g(spans, "fork") + agent + resume + checkpoint
+    start = image + transfer + container - _g(spans, "fork") + agent + resume + checkpoint
     scheduling = max(0.0, _g(spans, "queue") - start)
-    out = {"scheduling": scheduling, "image": image, "container": container,
+    out = {"scheduling": scheduling, "image": image, "transfer": transfer, "container": container,
            "interpreter": interpreter, "imports": imports, "app_init": enter + resume,
            "checkpoint": checkpoint}
     out["first_result"] = max(0.0, total_ms - sum(out.values()))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from .phases import PHASES
 
-SHORT = {"scheduling": "sched", "image": "image", "container": "ctr", "interpreter": "interp",
-         "imports": "imports", "app_init": "app_init", "checkpoint": "ckpt",
-         "first_result": "1st_result"}
+SHORT = {"scheduling": "sched", "image": "image", "transfer": "xfer", "container": "ctr",
+         "interpreter": "interp", "imports": "imports", "app_init": "app_init",
+         "checkpoint": "ckpt", "first_result": "1st_result"}
 
 
 def _f(x, nd: int = 1) -> str:
@@ -25,7 +25,8 @@ def markdown(res: dict) -> str:
              "Times in ms. total = client wall time of `.remote()`; phases are per-phase "
              "medians (they need not add up to the median total); ratio = p50 / p50 of the "
              "same workload's cold start.", ""]
-    phases = [p for p in PHASES if p != "checkpoint"]
+    has_transfer = any((r.get("phases_ms") or {}).get("transfer") for r in res["results"])
+    phases = [p for p in PHASES if p != "checkpoint" and (p != "transfer" or has_transfer)]
     head = ["workload", "strategy", "status", "n", "min", "p50", "p90", "ratio"] + \
         [SHORT[p] for p in phases] + ["rss MiB"]
     lines.append("| " + " | ".join(head) + " |")
@@ -57,6 +58,23 @@ def markdown(res: dict) -> str:
                          f"{(s.get('snapshot_meta') or {}).get('dump_ms', '')} | "
                          f"{_f((s.get('snapshot_raw_bytes') or 0) / 2**20)} | "
                          f"{_f((s.get('snapshot_stored_bytes') or 0) / 2**20)} |")
+    peer = [r for r in res["results"] if r.get("pulled")]
+    if peer:
+        lines += ["", ("Peer pulls (`restore_peer`: node B's snapshot store is emptied before "
+                       "each call, so it fetches every chunk of the snapshot from node A; bytes "
+                       "are the stored zstd chunks as sent; xfer = the node's snapshot_pull "
+                       "span):"), "",
+                  ("| workload | from -> to | snapshot raw MiB | chunks p50 | MiB pulled p50 "
+                   "| xfer ms p50 |"), "|---|---|---|---|---|---|"]
+        raw = {r["workload"]: (r.get("setup") or {}).get("snapshot_raw_bytes")
+               for r in snaps if r["strategy"] == "restore"}
+        for r in peer:
+            s, p = r.get("setup") or {}, r["pulled"]
+            raw_b = s.get("snapshot_raw_bytes") or raw.get(r["workload"])
+            lines.append(f"| {r['workload']} | {s.get('home_node')} -> {s.get('peer_node')} | "
+                         f"{_f(raw_b / 2**20) if raw_b else ''} | {_f(p['chunks_p50'], 0)} | "
+                         f"{_f(p['bytes_p50'] / 2**20, 2)} | "
+                         f"{_f((r.get('phases_ms') or {}).get('transfer'))} |")
     by = [r for r in res["results"] if r.get("by_tier")]
     if by:
         lines += ["", "Per tier the node chose (restore: eager `restore` vs `restore_lazy`):", ""]

@@ -2,6 +2,7 @@
 client), its node(s), and optionally a private runtime started for the run."""
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import platform
@@ -12,12 +13,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
-from runtimed.devcluster import free_port_pair, mounts_under
+from runtimed.devcluster import LocalCluster, free_port_pair, mounts_under
+from sdk import Function, FunctionCall
 from sdk.client import Client, default_client, reset_default_client
 from sdk.exception import Error, NodeUnavailableError
+from sdk.functions import LONG_POLL
+from sdk.serialization import dumps_args
 
 TRANSIENT_MARKS = ("cannot reach the runtimed dispatcher", "closed the build stream",
                    "the node running the call was lost")
@@ -69,8 +74,29 @@ class Runtime:
     def nodes(self) -> list[dict]:
         return [n for n in self.client.json("GET", "/v1/nodes")["nodes"] if n.get("alive")]
 
-    def node_clients(self) -> list[tuple[str, Client]]:
-        return [(n["node_id"], Client(n["url"], self.client.token)) for n in self.nodes()]
+    def node_clients(self, only: list[str] | None = None) -> list[tuple[str, Client]]:
+        """(node id, its admin client) for every live node, or for the ones in `only`."""
+        return [(n["node_id"], Client(n["url"], self.client.token)) for n in self.nodes()
+                if only is None or n["node_id"] in only]
+
+    def node_client(self, node_id: str) -> Client:
+        for nid, nc in self.node_clients([node_id]):
+            return nc
+        raise NodeUnavailableError(f"node {node_id} is not alive")
+
+    def holders(self, function_id: str) -> set[str]:
+        """Nodes the dispatcher believes hold the function's snapshot (their heartbeats)."""
+        return {n["node_id"] for n in self.nodes() if function_id in (n.get("snapshots") or ())}
+
+    def wait_holder(self, function_id: str, node_id: str, timeout: float = 20.0) -> None:
+        """Until the dispatcher sees `node_id` holding the snapshot (so it names that node
+        as a peer to the others): heartbeats come every 2 s."""
+        deadline = time.monotonic() + timeout
+        while node_id not in self.holders(function_id):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{node_id} does not report the snapshot of {function_id} "
+                                   f"after {timeout:.0f} s")
+            time.sleep(0.2)
 
     def drain(self, function_id: str, settle_s: float = 0.0) -> int:
         """Stop the function's idle containers, so its next call starts a container."""
@@ -103,10 +129,11 @@ class Runtime:
                     if function_id is None or s.get("function_id") == function_id]
         return sorted(out, key=lambda s: s.get("created_at", 0), reverse=True)
 
-    def evict_layers(self, keys: list[str], lazy_images: bool) -> None:
-        """Make every node forget these layers (a node with an empty image cache) and
-        choose lazy mounts or full pulls for the next start."""
-        for _node, nc in self.node_clients():
+    def evict_layers(self, keys: list[str], lazy_images: bool,
+                     only: list[str] | None = None) -> None:
+        """Make every node (or those in `only`) forget these layers (a node with an empty
+        image cache) and choose lazy mounts or full pulls for the next start."""
+        for _node, nc in self.node_clients(only):
             nc.json("POST", "/v1/config", {"lazy_images": lazy_images})
             for k in keys:
                 nc.json("POST", f"/v1/layers/{k}/evict", {})
@@ -127,6 +154,62 @@ class Runtime:
                     except Error:
                         pass
         return removed
+
+
+def empty_snapshot_store(nc: Client) -> dict:
+    """Delete every snapshot on the node behind `nc` and collect all their chunks (only
+    for nodes the benchmark owns); returns the store's stats afterwards."""
+    for s in nc.json("GET", "/v1/snapshots")["snapshots"]:
+        nc.json("DELETE", f"/v1/snapshots/{s['snapshot_id']}")
+    nc.json("POST", "/v1/snapshots/gc", {"budget_bytes": 0})
+    return nc.json("GET", "/v1/snapshots")["stats"]
+
+
+def submit_on(fn: Function, args: tuple, node_id: str,
+              client: Client | None = None) -> FunctionCall:
+    """What `fn.remote(*args)` sends, plus `node_id` (POST /v1/calls with node_id: the
+    admin and benchmark pin; placement is skipped). Like `.remote()` it waits up to the
+    long poll; the call's state as answered is in `.last_state` (finished or not)."""
+    client = client or default_client()
+    blob = dumps_args(args, {}, getattr(fn, "_method", None))
+    st = client.json("POST", "/v1/calls", {
+        "function_id": fn.object_id, "node_id": node_id, "wait": LONG_POLL,
+        "args_b64": base64.b64encode(blob).decode()})
+    fc = FunctionCall(st["call_id"], client)
+    fc.last_state = st
+    return fc
+
+
+@contextlib.contextmanager
+def peer_node(rt: Runtime, timeout: float = 120.0) -> Iterator[str]:
+    """A second node daemon (`runtimectl node`) joined to the runtime's dispatcher, with a
+    state dir of its own: a runtimed.devcluster.LocalCluster without a dispatcher of its
+    own, given the runtime's token. Yields its node id; stopped at the end, and what it
+    left behind (containers, mounts, netns) cleaned up. The runtime must be on this
+    machine. While it is up it is a real node: placement may send it other calls too."""
+    u = urllib.parse.urlsplit(rt.url)
+    if u.hostname not in ("127.0.0.1", "localhost") or not u.port:
+        raise RuntimeError(f"a peer node needs the runtime on this machine, not {rt.url}")
+    cl = LocalCluster(nodes=0, port=u.port)
+    token = cl.state / "token"
+    token.touch(mode=0o600)
+    token.write_text(f"{rt.client.token}\n")
+    name = f"bp{os.getpid() % 100000}"       # short: overlayfs mount options are a page
+    node_id = f"node-{name}"
+    try:
+        cl.start_node(name)
+        cl.wait_nodes(1, timeout, names=[name])
+        yield node_id
+    finally:
+        left = cl.stop()
+        if left:
+            print(f"[bench] peer node {name} left {left}; cleaned up", file=sys.stderr)
+        # Leave the runtime as we found it: the dispatcher drops the node once its
+        # heartbeats stop (registry.NODE_DEAD_AFTER, 6 s); until then it could place calls there.
+        deadline = time.monotonic() + 15
+        with contextlib.suppress(Error):
+            while node_id in {n["node_id"] for n in rt.nodes()} and time.monotonic() < deadline:
+                time.sleep(0.3)
 
 
 def _run(cmd: list[str]) -> str:

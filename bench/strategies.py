@@ -3,8 +3,13 @@
 A strategy names the function *variant* it calls (the same workload registered with
 different options: `plain`, `snap` for snapshot=True, ...), a `setup` run once per
 workload before the first round (unmeasured), a `prepare` run before every measured
-call (unmeasured), and the tiers a valid measured call reports. Adding a strategy is
-adding a row; a row with `implemented=False` yields a "not_implemented" record.
+call (unmeasured), an `after` run right after it (unmeasured: what it reads joins the
+sample), and the tiers a valid measured call reports. Adding a strategy is adding a
+row; a row with `implemented=False` yields a "not_implemented" record.
+
+Peer rows (`on_peer`, restore_peer) need a second node: the harness attaches one (node
+B, runtime.peer_node) and then pins every call: those rows' calls to B, all others to
+the runtime's own node A (`Ctx.home`), so no other row's calls drift to B.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import Any, Callable
 
 from sdk import Function
 
-from .runtime import Runtime
+from .runtime import Runtime, empty_snapshot_store, submit_on
 
 VARIANTS: dict[str, dict] = {
     "plain": {},
@@ -31,6 +36,10 @@ class Ctx:
     warmup: int = 1
     log: Callable[[str], None] = print
     interruptions: list = field(default_factory=list)   # runtime restarts seen
+    home: str | None = None       # with a peer attached: the node every other call is pinned to
+    peer: str | None = None       # the attached peer node (None: not attached)
+    peer_error: str | None = None         # why no peer could be attached
+    taken: dict = field(default_factory=dict)   # function id -> snapshot this run took
 
     def note_interruption(self, e: BaseException) -> None:
         self.interruptions.append({"t": time.time(), "error": str(e)[:200]})
@@ -48,15 +57,29 @@ class Call:
     error: str | None = None
 
 
-def timed_call(fn: Function, args: tuple) -> Call:
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def timed_call(fn: Function, args: tuple, node_id: str | None = None) -> Call:
+    """`fn.remote(*args)` timed from submission until its result is at the client; with
+    `node_id` the same request pinned to that node."""
     fn.last_call = None                 # a call that fails before submitting leaves no info
+    total = None
     t = time.perf_counter()
     try:
-        value = fn.remote(*args)
+        if node_id is None:
+            value = fn.remote(*args)
+        else:
+            fc = fn.last_call = submit_on(fn, args, node_id)
+            if (fc.last_state or {}).get("status") in FINISHED:
+                # the result is here: stop the clock; .get() only asks for it again
+                total = (time.perf_counter() - t) * 1000
+            value = fc.get()
         err = None
     except Exception as e:  # noqa: BLE001 - a failed sample is recorded, not fatal
         value, err = None, f"{type(e).__name__}: {e}"[:500]
-    total = (time.perf_counter() - t) * 1000
+    if total is None:
+        total = (time.perf_counter() - t) * 1000
     info = {}
     if fn.last_call is not None:
         try:
@@ -74,7 +97,7 @@ def drain(ctx: Ctx, fn: Function, args: tuple) -> dict:
 
 def prime(ctx: Ctx, fn: Function, args: tuple) -> dict:
     """A call right before the measured one, so it finds this container idle."""
-    c = timed_call(fn, args)
+    c = timed_call(fn, args, ctx.home)
     return {"prime_tier": c.tier, "prime_ms": round(c.total_ms, 3)}
 
 
@@ -83,7 +106,7 @@ def warmup_cold(ctx: Ctx, fn: Function, args: tuple) -> dict:
     out = []
     for _ in range(ctx.warmup):
         drain(ctx, fn, args)
-        c = timed_call(fn, args)
+        c = timed_call(fn, args, ctx.home)
         out.append({"tier": c.tier, "total_ms": round(c.total_ms, 3), "error": c.error})
     return {"warmup": out}
 
@@ -94,7 +117,7 @@ def take_snapshot(ctx: Ctx, fn: Function, args: tuple) -> dict:
     removed = ctx.rt.retrying(ctx.rt.delete_snapshots, fn.object_id,
                               on_retry=ctx.note_interruption)
     drain(ctx, fn, args)
-    c = timed_call(fn, args)
+    c = timed_call(fn, args, ctx.home)
     snaps = ctx.rt.retrying(ctx.rt.snapshots, fn.object_id, on_retry=ctx.note_interruption)
     s = snaps[0] if snaps else {}
     info = {"removed_old_snapshots": removed, "snapshot_call_ms": round(c.total_ms, 3),
@@ -109,14 +132,70 @@ def take_snapshot(ctx: Ctx, fn: Function, args: tuple) -> dict:
     elif not snaps:
         info["error"] = f"no snapshot was taken: {c.info.get('snapshot')}"
     else:
+        ctx.taken[fn.object_id] = s["snapshot_id"]
         info.update(warmup_cold(ctx, fn, args))
     return info
+
+
+def peer_setup(ctx: Ctx, fn: Function, args: tuple) -> dict:
+    """The snapshot on node A (the one this run's `restore` cell took there, else taken
+    now), the dispatcher seeing A hold it (it names A as the peer to pull from); then
+    unmeasured calls on node B, which pull the image's layers fully (lazy images off on
+    B) and the snapshot, so the samples start from warm caches as the other cells do."""
+    if not ctx.peer or not ctx.home:
+        return {"error": f"no peer node: {ctx.peer_error or 'not attached'}"}
+    assert fn.object_id is not None
+    info: dict = {"home_node": ctx.home, "peer_node": ctx.peer}
+    sid = ctx.taken.get(fn.object_id)
+    on_home = {s["snapshot_id"] for s in ctx.rt.snapshots(fn.object_id)
+               if s["node_id"] == ctx.home}
+    if sid in on_home:
+        info["peer_snapshot_id"] = sid
+    else:
+        info.update(take_snapshot(ctx, fn, args))
+        if info.get("error"):
+            return info
+        info["peer_snapshot_id"] = info.get("snapshot_id")
+    ctx.rt.wait_holder(fn.object_id, ctx.home)
+    ctx.rt.node_client(ctx.peer).json("POST", "/v1/config", {"lazy_images": False})
+    warm = []
+    for _ in range(max(1, ctx.warmup)):
+        prep = peer_prepare(ctx, fn, args)
+        c = timed_call(fn, args, ctx.peer)
+        warm.append({"tier": c.tier, "total_ms": round(c.total_ms, 3), "error": c.error,
+                     **peer_pulled(ctx, fn, prep)})
+    info["peer_warmup"] = warm
+    return info
+
+
+def peer_prepare(ctx: Ctx, fn: Function, args: tuple) -> dict:
+    """Before each call on B: no idle container of the function anywhere, B's snapshot
+    store empty (B is the benchmark's own node: every chunk of the snapshot must cross),
+    and A still reported as holding the snapshot."""
+    assert ctx.peer is not None and fn.object_id is not None
+    drain(ctx, fn, args)
+    before = empty_snapshot_store(ctx.rt.node_client(ctx.peer))
+    holders = ctx.rt.holders(fn.object_id)
+    if ctx.home not in holders:
+        raise RuntimeError(f"{ctx.home} no longer reports the snapshot (holders: "
+                           f"{sorted(holders)})")
+    return {"peer_store_before": before}
+
+
+def peer_pulled(ctx: Ctx, fn: Function, prep: dict) -> dict:
+    """What B's store gained with the call: the chunks it fetched from A and their bytes
+    as sent (stored zstd chunks travel as they are)."""
+    assert ctx.peer is not None
+    after = ctx.rt.node_client(ctx.peer).json("GET", "/v1/snapshots")["stats"]
+    before = prep.get("peer_store_before") or {"chunks": 0, "stored_bytes": 0}
+    return {"pulled_chunks": after["chunks"] - before["chunks"],
+            "pulled_bytes": after["stored_bytes"] - before["stored_bytes"]}
 
 
 def _empty_image_cache(ctx: Ctx, fn: Function, args: tuple, lazy: bool) -> dict:
     drain(ctx, fn, args)
     keys = [st["key"] for st in fn.image.spec()["steps"] if st["kind"] in ("run", "files")]
-    ctx.rt.evict_layers(keys, lazy_images=lazy)
+    ctx.rt.evict_layers(keys, lazy_images=lazy, only=[ctx.home] if ctx.home else None)
     return {"evicted_layers": len(keys)}
 
 
@@ -136,6 +215,8 @@ class Strategy:
     expect: tuple[str, ...] = ()
     setup: Callable[[Ctx, Function, tuple], dict] | None = None
     prepare: Callable[[Ctx, Function, tuple], dict] | None = None
+    after: Callable[[Ctx, Function, dict], dict] | None = None   # given prepare's record
+    on_peer: bool = False               # its calls go to the attached peer node
     implemented: bool = True
     needs: str = ""                     # for planned strategies: what is missing
     extra: dict = field(default_factory=dict)
@@ -155,8 +236,11 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              "touch from the node's hot copy (restore_mode='lazy'; no working-set prefetch yet)",
              variant="snap_lazy", expect=("restore_lazy",), setup=take_snapshot,
              prepare=drain),
-    Strategy("restore_peer", "restore of a snapshot pulled from a peer node",
-             implemented=False, needs="multi-node snapshot transfer + placement by snapshot"),
+    Strategy("restore_peer", "restore on a node (B) that first pulls the snapshot from the "
+             "peer (A) that took it; B's snapshot store is emptied before each call, so every "
+             "chunk crosses (restore_mode='eager'; drained before each call; call pinned to B)",
+             variant="snap", expect=("restore_peer",), setup=peer_setup, prepare=peer_prepare,
+             after=peer_pulled, on_peer=True),
     Strategy("full_pull", "cold start on a node with an empty image cache: pull and unpack "
              "every layer first", variant="plain", expect=("cold",), prepare=empty_cache_full),
     Strategy("lazy_image", "cold start on a node with an empty image cache: eStargz layers "
