@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +72,20 @@ class LayerStore:
         os.rename(tmp, final)
         return final / "fs"
 
-    def adopt_archive(self, key: str, archive_path: Path) -> Path:
-        """Unpack a layer archive (safely) as layer `key`."""
-        tmp = self.root / f".tmp-{key[:16]}-{os.getpid()}-u"
+    def adopt_archive(self, key: str, archive_path: Path, *,
+                      wanted: Callable[[], bool] | None = None) -> Path:
+        """Unpack a layer archive (safely) as layer `key`.
+
+        With `wanted` (a background pull behind a lazy mount) the unpacked layer is
+        dropped instead of adopted when `wanted()` is false by then, or when the layer
+        became complete meanwhile: a complete layer may be a running container's lower
+        dir and is never replaced under it."""
+        tmp = self.root / f".tmp-{key[:16]}-{os.getpid()}-{threading.get_native_id()}-u"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             archive.unpack_layer(archive_path, tmp)
+            if wanted is not None and (not wanted() or self.has(key)):
+                return self.path(key) / "fs"
             return self.adopt_dir(key, tmp, "pulled")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

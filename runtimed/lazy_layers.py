@@ -75,6 +75,7 @@ class LazyLayers:
         self.published: dict[str, dict] = {}          # layer key -> what this node published
         self._locks: dict[str, asyncio.Lock] = {}
         self._first_call: dict[str, asyncio.Event] = {}
+        self._gen: dict[str, int] = {}                # layer key -> mount generation
         self._bg: set[asyncio.Task] = set()
         self._prune_lock = asyncio.Lock()
 
@@ -111,7 +112,8 @@ class LazyLayers:
                 return False
             self.layers.lazy[key] = h
             self._first_call[key] = asyncio.Event()
-            self._spawn(self._behind_mount(key, info))
+            self._gen[key] = gen = self._gen.get(key, 0) + 1
+            self._spawn(self._behind_mount(key, info, gen))
             return True
 
     def call_done(self, keys: list[str]) -> None:
@@ -127,7 +129,11 @@ class LazyLayers:
         t.add_done_callback(self._bg.discard)
 
     # -- 2. pull ----------------------------------------------------------------------------
-    async def _behind_mount(self, key: str, info: dict) -> None:
+    async def _behind_mount(self, key: str, info: dict, gen: int) -> None:
+        """Pull, then publish, for the mount of generation `gen`; a `forget` of the layer
+        (eviction) makes it stop at its next step."""
+        def wanted() -> bool:
+            return self._gen.get(key) == gen and key in self.layers.lazy
         if not info.get("archive"):
             return
         if self.pull_policy == "defer":
@@ -137,8 +143,13 @@ class LazyLayers:
                 pass
         t0 = time.perf_counter()
         try:
+            if not wanted() or self.layers.has(key):
+                return
             path = await self.blobs.fetch(info["archive"])
-            await asyncio.get_running_loop().run_in_executor(None, self._adopt_low, key, path)
+            await asyncio.get_running_loop().run_in_executor(None, self._adopt_low, key, path,
+                                                             wanted)
+            if not wanted():
+                return
             log.info("layer %s is now local (was lazy; pulled in %.1fs)", key[:16],
                      time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - the lazy mount keeps serving
@@ -152,10 +163,10 @@ class LazyLayers:
                             key[:16], e)
         await self.prune()
 
-    def _adopt_low(self, key: str, path: Path) -> None:
+    def _adopt_low(self, key: str, path: Path, wanted) -> None:
         _thread_nice(19)         # the unpack (zstd + tar) yields the CPUs to the containers
         try:
-            self.layers.adopt_archive(key, path)
+            self.layers.adopt_archive(key, path, wanted=wanted)
         finally:
             _thread_nice(0)      # executor threads are reused
 
@@ -208,6 +219,7 @@ class LazyLayers:
         """Unmount the layer's lazy mount (if any) and drop its chunks from the cache
         (those another live mount serves stay): as a node that never saw the layer."""
         h = self.layers.lazy.pop(key, None)
+        self._gen[key] = self._gen.get(key, 0) + 1     # its pull and publish stop
         self._first_call.pop(key, None)
         if h is None:
             return
