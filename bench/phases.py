@@ -10,7 +10,7 @@ Span semantics (runtimed/node.py, container.py, snapshots.py):
   snapshot_pull    the snapshot's manifest and missing chunks fetched from a peer node
                    (restore_peer only), before materialize
   materialize      snapshot dir ready for restore (hot copy or from chunks)
-  netns, upper_restore, rootfs, runc_run | runc_restore | fork    sandbox creation
+  netns, upper_restore, rootfs, lazy_daemon, runc_run | runc_restore | criu_restore | fork
   agent_ready      init frame sent -> agent ready: interpreter boot + imports + enter
   agent_snap_point same, up to the snapshot point (snapshot-taking cold start); then
                    agent_ready is only resume + non-snap enter hooks
@@ -24,7 +24,8 @@ Phases (ms), which sum to the client-measured total by construction:
   scheduling    queue - start spans (warm: queue), plus nothing else
   image         image
   transfer      snapshot_pull
-  container     materialize + netns + upper_restore + rootfs + runc_run/runc_restore + fork
+  container     materialize + netns + upper_restore + rootfs + lazy_daemon
+                + runc_run/runc_restore/criu_restore + fork
   interpreter   agent_snap_point + agent_ready - imports - enter (>= 0)
   imports       imports
   app_init      enter + resume
@@ -36,8 +37,8 @@ from __future__ import annotations
 
 PHASES = ("scheduling", "image", "transfer", "container", "interpreter", "imports",
           "app_init", "checkpoint", "first_result")
-CONTAINER_SPANS = ("materialize", "netns", "upper_restore", "rootfs", "runc_run",
-                   "runc_restore", "fork")
+CONTAINER_SPANS = ("materialize", "netns", "upper_restore", "rootfs", "lazy_daemon",
+                   "runc_run", "runc_restore", "criu_restore", "fork")
 AGENT_SPANS = ("agent_snap_point", "agent_ready")
 
 

@@ -324,8 +324,8 @@ def cmd_snapshot(a) -> int:
 
 def cmd_restore(a) -> int:
     node, _ = _node(a)
-    res = node.json("POST", f"/v1/snapshots/{a.snapshot_id}/restore", {})
-    print(f"restored {res['snapshot_id']} in {res['total_ms']:.1f} ms")
+    res = node.json("POST", f"/v1/snapshots/{a.snapshot_id}/restore", {"mode": a.mode})
+    print(f"restored {res['snapshot_id']} ({res.get('mode', a.mode)}) in {res['total_ms']:.1f} ms")
     for k, v in res["spans"].items():
         print(f"  {k:16s} {v:8.1f} ms")
     return 0
@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_snapshot)
     s = sub.add_parser("restore", help="restore a snapshot and report its timings")
     s.add_argument("snapshot_id")
+    s.add_argument("--mode", choices=("eager", "lazy"), default="eager",
+                   help="eager: all pages before resuming; lazy: pages on first touch")
     s.add_argument("--node", default=None)
     s.set_defaults(fn=cmd_restore)
     s = sub.add_parser("node", help="run a node daemon (joins --dispatcher)")

@@ -45,6 +45,8 @@ class RestoreSource:
     image_dir: Path
     upper_archive: Path | None
     lazy: bool = False        # pages served on first touch by a `criu lazy-pages` daemon
+    # Lazy only: given the daemon's page-fault log once it exits (working-set recording).
+    on_lazy_log: "Callable[[bytes], None] | None" = None
 
 
 class State(enum.Enum):
@@ -135,6 +137,7 @@ class Container:
         self._raw = False
         self._destroyed = False
         self._lazy_daemon: asyncio.subprocess.Process | None = None
+        self._lazy_watch: asyncio.Task | None = None
         self._direct = False                 # restored by CRIU directly: runc does not know it
         self.on_destroy: list[Callable[[], Awaitable[None]]] = []   # e.g. release memory
 
@@ -178,8 +181,14 @@ class Container:
             spec = self._spec(plan.merged)
             (self.dir / "config.json").write_text(json.dumps(bundle.build_config(spec)))
             t = self.spans.add("rootfs", t)
+            if restore is not None and restore.lazy:
+                self._lazy_daemon = await start_lazy_pages(
+                    self.ctx.runc.criu or "criu", restore.image_dir, self.dir / "criu-work",
+                    verbose=restore.on_lazy_log is not None)
+                t = self.spans.add("lazy_daemon", t)
             await self._spawn(restore)
-            self.spans.add("runc_restore" if restore else "runc_run", t)
+            self.spans.add(("criu_restore" if self._direct else "runc_restore") if restore
+                           else "runc_run", t)
             self._to(State.STARTING)
         except BaseException:
             await self.destroy()
@@ -212,31 +221,24 @@ class Container:
                 await self.ctx.runc.run_detached(self.id, self.dir, in_r, out_w, err_w)
             else:
                 work = self.dir / "criu-work"
-                lazy_daemon = None
-                if restore.lazy:
-                    lazy_daemon = await start_lazy_pages(self.ctx.runc.criu or "criu",
-                                                         restore.image_dir, work)
-                try:
-                    if criu_restore.available():
-                        # Bypass `runc restore` (see criu_restore.py): the container is
-                        # then managed through its cgroup, not runc.
-                        self._direct = True
-                        plan = criu_restore.plan(
-                            json.loads((self.dir / "config.json").read_text()),
-                            restore.image_dir, work, self.dir / "pid", lazy=restore.lazy)
-                        await criu_restore.restore(self.ctx.runc.criu or "criu", plan,
-                                                   in_r, out_w, err_w,
-                                                   env=self.ctx.runc.restore_env)
-                    else:
-                        await self.ctx.runc.restore_detached(self.id, self.dir,
-                                                             restore.image_dir, work, in_r,
-                                                             out_w, err_w, lazy=restore.lazy)
-                except BaseException:
-                    if lazy_daemon is not None and lazy_daemon.returncode is None:
-                        lazy_daemon.kill()
-                    raise
-                if lazy_daemon is not None:
-                    self._lazy_daemon = lazy_daemon
+                if criu_restore.available():
+                    # Bypass `runc restore` (see criu_restore.py): the container is then
+                    # managed through its cgroup, not runc.
+                    self._direct = True
+                    plan = criu_restore.plan(json.loads((self.dir / "config.json").read_text()),
+                                             restore.image_dir, work, self.dir / "pid",
+                                             lazy=restore.lazy)
+                    await criu_restore.restore(self.ctx.runc.criu or "criu", plan, in_r, out_w,
+                                               err_w, env=self.ctx.runc.restore_env)
+                else:
+                    await self.ctx.runc.restore_detached(self.id, self.dir, restore.image_dir,
+                                                         work, in_r, out_w, err_w,
+                                                         lazy=restore.lazy)
+                # The lazy-pages daemon (started by start(); destroy() stops it on failure)
+                # exits once every page is in: its log holds the faults, for the recorder.
+                if self._lazy_daemon is not None and restore.on_lazy_log is not None:
+                    self._lazy_watch = asyncio.create_task(self._harvest_lazy_log(
+                        self._lazy_daemon, work / "lazy-pages.log", restore.on_lazy_log))
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
@@ -261,6 +263,16 @@ class Container:
         else:
             self._tasks = [asyncio.create_task(self._read_frames(out_reader)),
                            asyncio.create_task(self._read_stderr(err_reader))]
+
+    async def _harvest_lazy_log(self, daemon: asyncio.subprocess.Process, log_path: Path,
+                                cb: Callable[[bytes], None]) -> None:
+        """The daemon exits once every page is in (or the container died): hand its log on."""
+        await daemon.wait()
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(None, log_path.read_bytes)
+            cb(data)
+        except Exception as e:             # recording is an optimization, never a failure
+            log.warning("working-set recording of %s failed: %s", self.id, e)
 
     # -- channel -------------------------------------------------------------------------
     async def _read_frames(self, reader: asyncio.StreamReader) -> None:
@@ -486,19 +498,23 @@ class Container:
             await asyncio.get_running_loop().run_in_executor(None, self._reap)
         for task in self._tasks:
             task.cancel()
+        if self._lazy_daemon is not None and self._lazy_daemon.returncode is None:
+            self._lazy_daemon.kill()
+            await self._lazy_daemon.wait()
+        if self._lazy_watch is not None:
+            await asyncio.wait([self._lazy_watch], timeout=5)
         log_keep = os.environ.get("RUNTIMED_KEEP_CRIU_LOGS")
         if log_keep and (self.dir / "criu-work" / "restore.log").exists():
             os.makedirs(log_keep, exist_ok=True)
             os.replace(self.dir / "criu-work" / "restore.log", f"{log_keep}/{self.id}.log")
+            if (self.dir / "criu-work" / "lazy-pages.log").exists():
+                os.replace(self.dir / "criu-work" / "lazy-pages.log", f"{log_keep}/{self.id}.lazy.log")
         if self._mounted:
             rootfs.teardown(self.dir, keep_upper=self.cfg.keep_upper)
             self._mounted = False
         elif not self.cfg.keep_upper:
             import shutil
             shutil.rmtree(self.dir, ignore_errors=True)
-        if self._lazy_daemon is not None and self._lazy_daemon.returncode is None:
-            self._lazy_daemon.kill()
-            await self._lazy_daemon.wait()
         if self.netns is not None:
             net, self.netns = self.netns, None
             await asyncio.get_running_loop().run_in_executor(None, self.ctx.network.destroy, net)
@@ -513,16 +529,17 @@ class Container:
                 "rss_bytes": cgroups.memory_rss(self.cgroup_path), "spans": self.spans.items}
 
 
-async def start_lazy_pages(criu: str, image_dir: Path, work: Path,
+async def start_lazy_pages(criu: str, image_dir: Path, work: Path, *, verbose: bool = False,
                            timeout: float = 5.0) -> asyncio.subprocess.Process:
     """Start the `criu lazy-pages` daemon for one restore; it serves the image's pages on
-    first touch (userfaultfd) and exits once every page is transferred."""
+    first touch (userfaultfd) and exits once every page is transferred. `verbose` (-v4)
+    logs each page fault: the working-set recorder reads them."""
     work.mkdir(parents=True, exist_ok=True)
     sock = work / "lazy-pages.socket"
     sock.unlink(missing_ok=True)          # a stale socket makes the restore fail
     proc = await asyncio.create_subprocess_exec(
         criu, "lazy-pages", "--images-dir", str(image_dir), "--work-dir", str(work),
-        "-o", "lazy-pages.log", stdin=asyncio.subprocess.DEVNULL,
+        "-o", "lazy-pages.log", *(["-v4"] if verbose else []), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while not sock.exists():

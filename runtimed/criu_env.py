@@ -53,7 +53,8 @@ def restore_env(state_dir: Path) -> dict[str, str]:
     bindir.mkdir(parents=True, exist_ok=True)
     for name in ("iptables-restore", "ip6tables-restore"):
         p = bindir / name
-        if not p.exists() or p.read_text() != STUB:
+        if not p.exists() or p.read_bytes() != STUB.encode():
+            p.unlink(missing_ok=True)
             p.write_text(STUB)
             p.chmod(0o755)
     env = dict(os.environ)

@@ -94,11 +94,20 @@ def plan(config: dict, image_dir: Path, work_dir: Path, pidfile: Path, *,
         config_file=config.get("annotations", {}).get("org.criu.config"))
 
 
+def log_level() -> int:
+    """CRIU writes every -v4 line with its own write(2): ~8000 lines for a 80 MB Python
+    snapshot, in the restore's critical path. Errors and warnings (-v2) unless asked, or
+    unless logs are being kept for profiling (RUNTIMED_KEEP_CRIU_LOGS)."""
+    if os.environ.get("RUNTIMED_CRIU_LOG_LEVEL", "").isdigit():
+        return int(os.environ["RUNTIMED_CRIU_LOG_LEVEL"])
+    return 4 if os.environ.get("RUNTIMED_KEEP_CRIU_LOGS") else 2
+
+
 def argv(criu: str, p: RestorePlan, netns_fd: int | None) -> list[str]:
     args = [criu, "restore", "--images-dir", str(p.image_dir), "--work-dir", str(p.work_dir),
             "--root", p.rootfs, "--restore-detached", "--restore-sibling",
             "--pidfile", str(p.pidfile), "--manage-cgroups=ignore", "--evasive-devices",
-            "--ghost-limit", "1048576", "-v4", "-o", "restore.log"]
+            "--ghost-limit", "1048576", f"-v{log_level()}", "-o", "restore.log"]
     if p.config_file:
         args[1:1] = ["--config", p.config_file]
     for cookie, host in p.ext_mounts:

@@ -652,8 +652,9 @@ class SnapshotAdmin:
         return {"snapshot_id": found.snapshot_id, "raw_size": found.raw_size,
                 "stored_size": found.stored_size, "meta": found.meta, "note": note}
 
-    async def restore(self, snapshot_id: str) -> dict:
-        """Restore a snapshot into a fresh sandbox, time it, and tear it down."""
+    async def restore(self, snapshot_id: str, mode: str = "eager") -> dict:
+        """Restore a snapshot into a fresh sandbox (eager, or lazy pages), time it, and
+        tear it down."""
         assert self.node.ctx is not None
         m = self.mgr.store.get(snapshot_id)
         reason = m.fingerprint.incompatibility(self.mgr.fingerprint)
@@ -666,11 +667,12 @@ class SnapshotAdmin:
         c.tier = "restore"
         t0 = time.perf_counter()
         try:
-            src = await self.mgr.source(m)
+            src = await self.mgr.source(m, lazy=mode == "lazy")
             c.spans.add("materialize", t0)
             await c.start(restore=src)
             await c.resume()
             total = (time.perf_counter() - t0) * 1000
         finally:
             await c.destroy()
-        return {"snapshot_id": snapshot_id, "total_ms": round(total, 3), "spans": c.spans.items}
+        return {"snapshot_id": snapshot_id, "mode": mode, "total_ms": round(total, 3),
+                "spans": c.spans.items}

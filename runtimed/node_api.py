@@ -19,7 +19,7 @@ import socket
 import aiohttp
 from aiohttp import web
 
-from sdk.exception import Error, NotFoundError
+from sdk.exception import Error, InvalidError, NotFoundError
 from snapshot import transfer
 
 from . import protocol
@@ -136,7 +136,10 @@ def make_app(node: Node, token: str) -> web.Application:
         return web.json_response(await admin.create(body.get("target", ""), body.get("function")))
 
     async def snap_restore(request: web.Request):
-        return web.json_response(await admin.restore(request.match_info["sid"]))
+        mode = (await read_json(request)).get("mode", "eager")
+        if mode not in ("eager", "lazy"):
+            raise InvalidError("mode must be 'eager' or 'lazy'")
+        return web.json_response(await admin.restore(request.match_info["sid"], mode))
 
     async def snap_export(request: web.Request):
         sid = request.match_info["sid"]

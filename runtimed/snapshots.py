@@ -10,6 +10,7 @@ every chunk) once and keeps the result hot.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from sdk.exception import SnapshotError
 from snapshot.fingerprint import current_fingerprint
 from snapshot.guard import find_blockers, inet_sockets_dumpable, inspect_pids
 from snapshot.manifest import Fingerprint, SnapshotManifest
-from snapshot import transfer
+from snapshot import transfer, workingset
 from snapshot.store import (SnapshotCorruptError, SnapshotIncompatible, SnapshotStore)
 from snapshot.transfer import PullStats
 
@@ -33,6 +34,7 @@ from .runc import Runc
 log = logging.getLogger(__name__)
 UPPER_FILE = "rootfs-upper.tar.zst"
 TRIES_PER_MODE = 2
+WS_RECORDINGS = 3          # lazy restores whose page faults make up a snapshot's working set
 PROBE_EVERY = 20
 
 
@@ -159,7 +161,66 @@ class SnapshotManager:
                     raise SnapshotError(f"snapshot {m.snapshot_id} is corrupt and was "
                                         f"quarantined: {e}") from e
         upper = hot / UPPER_FILE
-        return RestoreSource(hot, upper if upper.exists() else None, lazy=lazy)
+        on_log = None
+        if lazy:
+            sid = m.snapshot_id
+            await asyncio.get_running_loop().run_in_executor(None, self._apply_working_set,
+                                                             sid, hot)
+            ws = self.working_set(sid)
+            if ws is None or ws["recordings"] < WS_RECORDINGS:
+                on_log = lambda data: self.record_working_set(sid, data)  # noqa: E731
+        return RestoreSource(hot, upper if upper.exists() else None, lazy=lazy,
+                             on_lazy_log=on_log)
+
+    # -- working set of lazy restores (snapshot/workingset.py) ---------------------------
+    def _ws_dir(self, snapshot_id: str) -> Path:
+        return self.root / "ws" / snapshot_id
+
+    def working_set(self, snapshot_id: str) -> dict | None:
+        try:
+            return json.loads((self._ws_dir(snapshot_id) / "pages.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def record_working_set(self, snapshot_id: str, lazy_pages_log: bytes) -> None:
+        """Merge the pages one lazy restore faulted in; the next lazy restore copies them
+        in before resuming."""
+        pages = workingset.faulted_pages(lazy_pages_log)
+        cur = self.working_set(snapshot_id) or {"pages": [], "recordings": 0}
+        d = self._ws_dir(snapshot_id)
+        d.mkdir(parents=True, exist_ok=True)
+        rec = {"pages": sorted(set(cur["pages"]) | pages), "recordings": cur["recordings"] + 1,
+               "last_faults": len(pages)}
+        tmp = d / "pages.json.tmp"
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, d / "pages.json")
+        log.info("snapshot %s: lazy restore faulted %d pages; working set %d pages after %d "
+                 "recordings", snapshot_id, len(pages), len(rec["pages"]), rec["recordings"])
+
+    def _apply_working_set(self, snapshot_id: str, hot: Path) -> None:
+        """Rewrite the hot copy's pagemaps so the working set is restored eagerly (derived
+        from the originals kept aside, so re-applying after more recordings is exact)."""
+        ws = self.working_set(snapshot_id)
+        if not ws or not ws["pages"]:
+            return
+        marker = hot / ".working-set"
+        tag = f"{ws['recordings']}:{len(ws['pages'])}"
+        if marker.exists() and marker.read_text() == tag:
+            return
+        d = self._ws_dir(snapshot_id)
+        pages = set(ws["pages"])
+        for pm in sorted(hot.glob("pagemap-*.img")):
+            orig = d / (pm.name + ".orig")
+            if not marker.exists() or not orig.exists():
+                shutil.copyfile(pm, orig)        # the hot copy still holds CRIU's original
+            prefix, head, entries = workingset.read_pagemap(orig.read_bytes())
+            new, eager = workingset.mark_eager(entries, pages)
+            tmp = pm.with_name(pm.name + ".tmp")
+            tmp.write_bytes(workingset.write_pagemap(prefix, head, new))
+            os.replace(tmp, pm)                   # restores reading it see old or new, whole
+            log.info("snapshot %s %s: %d working-set pages eager, %d lazy", snapshot_id,
+                     pm.name, eager, workingset.lazy_pages(new))
+        marker.write_text(tag)
 
     # -- restore mode per snapshot, chosen by measurement --------------------------------
     def choose_mode(self, snapshot_id: str, requested: str | None = None) -> str:
@@ -221,6 +282,7 @@ class SnapshotManager:
 
     def drop_hot(self, snapshot_id: str) -> None:
         shutil.rmtree(self.hot / snapshot_id, ignore_errors=True)
+        shutil.rmtree(self._ws_dir(snapshot_id), ignore_errors=True)
 
     def list(self) -> list[dict]:
         out = []
@@ -230,6 +292,8 @@ class SnapshotManager:
                         "raw_size": m.raw_size, "stored_size": m.stored_size,
                         "hot": (self.hot / m.snapshot_id / "inventory.img").exists(),
                         "restore_modes": self.mode_stats(m.snapshot_id),
+                        "working_set_pages": len((self.working_set(m.snapshot_id) or
+                                                  {"pages": []})["pages"]),
                         "meta": m.meta})
         return out
 

@@ -1,0 +1,171 @@
+"""Working set of a lazily restored snapshot.
+
+A lazy restore (`criu restore --lazy-pages`) resumes the process before its anonymous
+memory is back; every page it touches first is a userfaultfd round trip to the
+`criu lazy-pages` daemon (~50-100 us here), and a Python process touches a few hundred
+to a few thousand pages just to answer its first call. We record those pages from the
+daemon's log ("#PF at 0x...") and, for the next restores, clear CRIU's PE_LAZY flag on
+the pagemap entries that cover them: CRIU then copies the working set in before
+resuming (a sequential read, like an eager restore of a small snapshot) and leaves only
+the rest to the daemon's background transfer. An eager restore reads every entry
+regardless of PE_LAZY, so the rewritten pagemap is safe for both modes.
+
+Image format (criu/images/pagemap.proto): 4-byte common magic, 4-byte PAGEMAP magic,
+then u32-length-prefixed protobuf messages, a pagemap_head (pages_id) and entries
+{1: vaddr, 2: nr_pages, 3: in_parent, 4: flags}. Pages of non-parent entries are stored
+back to back in pages-<id>.img in entry order, so splitting an entry into consecutive
+pieces keeps every page at its offset.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+
+PAGE = 4096
+PE_PARENT, PE_LAZY, PE_PRESENT = 1, 2, 4
+# Faults come in clusters (Python objects, malloc arenas): take the aligned block around
+# each faulted page, so neighbours the next run will touch come in the same copy.
+CLUSTER_PAGES = 16
+
+_PF = re.compile(rb"#PF at 0x([0-9a-f]+)")
+
+
+class PagemapError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Entry:
+    vaddr: int
+    nr_pages: int
+    flags: int
+    in_parent: bool | None = None        # None: field absent in the image
+
+    @property
+    def lazy(self) -> bool:
+        return bool(self.flags & PE_LAZY)
+
+
+def faulted_pages(lazy_pages_log: bytes) -> set[int]:
+    """Page addresses the lazy-pages daemon was asked for (its -v4 log)."""
+    return {int(m.group(1), 16) & ~(PAGE - 1) for m in _PF.finditer(lazy_pages_log)}
+
+
+# -- protobuf, the little of it a pagemap needs ------------------------------------------------
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    r = shift = 0
+    while True:
+        if i >= len(b):
+            raise PagemapError("truncated varint")
+        c = b[i]
+        i += 1
+        r |= (c & 0x7F) << shift
+        shift += 7
+        if not c & 0x80:
+            return r, i
+
+
+def _enc_varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _fields(msg: bytes) -> dict[int, int]:
+    i, out = 0, {}
+    while i < len(msg):
+        key, i = _varint(msg, i)
+        if key & 7 != 0:
+            raise PagemapError(f"unexpected wire type {key & 7} in a pagemap entry")
+        out[key >> 3], i = _varint(msg, i)
+    return out
+
+
+def read_pagemap(data: bytes) -> tuple[bytes, bytes, list[Entry]]:
+    """(magic prefix, head message, entries)."""
+    if len(data) < 12:
+        raise PagemapError("pagemap image too short")
+    prefix, i, msgs = data[:8], 8, []
+    while i < len(data):
+        if i + 4 > len(data):
+            raise PagemapError("truncated message length")
+        (n,) = struct.unpack_from("<I", data, i)
+        if i + 4 + n > len(data):
+            raise PagemapError("truncated message")
+        msgs.append(data[i + 4:i + 4 + n])
+        i += 4 + n
+    if not msgs:
+        raise PagemapError("pagemap image has no head")
+    entries = []
+    for m in msgs[1:]:
+        f = _fields(m)
+        if 1 not in f or 2 not in f:
+            raise PagemapError("pagemap entry without vaddr/nr_pages")
+        entries.append(Entry(f[1], f[2], f.get(4, PE_PRESENT),
+                             bool(f[3]) if 3 in f else None))
+    return prefix, msgs[0], entries
+
+
+def _enc_entry(e: Entry) -> bytes:
+    body = b"\x08" + _enc_varint(e.vaddr) + b"\x10" + _enc_varint(e.nr_pages)
+    if e.in_parent is not None:
+        body += b"\x18" + _enc_varint(int(e.in_parent))
+    body += b"\x20" + _enc_varint(e.flags)
+    return body
+
+
+def write_pagemap(prefix: bytes, head: bytes, entries: list[Entry]) -> bytes:
+    out = bytearray(prefix)
+    for m in [head] + [_enc_entry(e) for e in entries]:
+        out += struct.pack("<I", len(m)) + m
+    return bytes(out)
+
+
+# -- the rewrite ------------------------------------------------------------------------------
+def _blocks(pages: set[int], cluster: int) -> set[int]:
+    span = cluster * PAGE
+    return {p - p % span for p in pages}
+
+
+def mark_eager(entries: list[Entry], pages: set[int],
+               cluster: int = CLUSTER_PAGES) -> tuple[list[Entry], int]:
+    """Entries with PE_LAZY cleared on every page in the working set's blocks (split where
+    needed); also the number of pages made eager."""
+    blocks = _blocks(pages, cluster)
+    span = cluster * PAGE
+    out: list[Entry] = []
+    eager = 0
+    for e in entries:
+        if not e.lazy:
+            out.append(e)
+            continue
+        run_start, run_hot = e.vaddr, None
+        for k in range(e.nr_pages):
+            addr = e.vaddr + k * PAGE
+            hot = (addr - addr % span) in blocks
+            if run_hot is None:
+                run_hot = hot
+            elif hot != run_hot:
+                out.append(_piece(e, run_start, addr, run_hot))
+                eager += (addr - run_start) // PAGE if run_hot else 0
+                run_start, run_hot = addr, hot
+        end = e.vaddr + e.nr_pages * PAGE
+        out.append(_piece(e, run_start, end, bool(run_hot)))
+        eager += (end - run_start) // PAGE if run_hot else 0
+    return out, eager      # runs within one entry alternate, so nothing to merge
+
+
+def _piece(e: Entry, start: int, end: int, hot: bool) -> Entry:
+    return Entry(start, (end - start) // PAGE, e.flags & ~PE_LAZY if hot else e.flags,
+                 e.in_parent)
+
+
+def lazy_pages(entries: list[Entry]) -> int:
+    return sum(e.nr_pages for e in entries if e.lazy)
