@@ -109,10 +109,10 @@ def v1_create(cgroup_path: str, resources: dict) -> None:
         _write(os.path.join(dd, "devices.allow" if r.get("allow") else "devices.deny"), _dev_rule(r))
 
 
-def v1_join(cgroup_path: str, pid: int) -> None:
-    """Move `pid` into `cgroup_path` in every hierarchy (children it forks follow)."""
-    for h in v1_hierarchies():
-        _write(os.path.join(h, cgroup_path.strip("/"), "cgroup.procs"), str(pid))
+def v1_dirs(cgroup_path: str) -> list[str]:
+    """`cgroup_path`'s directory in every hierarchy (a process joins by writing its pid
+    to each one's cgroup.procs; children it forks follow)."""
+    return [os.path.join(h, cgroup_path.strip("/")) for h in v1_hierarchies()]
 
 
 def pids_in(cgroup_path: str) -> list[int]:

@@ -373,7 +373,7 @@ class Container:
 
     # -- agent conversation ----------------------------------------------------------------
     async def init(self, function_blob: bytes, *, timeout: float = 300.0,
-                   sink: LogSink | None = None, snapshot: bool = False,
+                   sink: LogSink | None = None, snapshot: bool = False, fork: bool = False,
                    on_snap_point: Callable[["Container"], Awaitable[None]] | None = None) -> dict:
         """Load the function in the agent (imports, enter hooks). With `snapshot`, the agent
         stops at the snapshot point and `on_snap_point(self)` runs (the checkpoint) before
@@ -384,7 +384,7 @@ class Container:
             if not snapshot:
                 await self.attach_gpus()
             await self._send("init", function_blob, workdir=self.cfg.workdir, snapshot=snapshot,
-                             env=self._identity() if not snapshot else {})
+                             fork=fork, env=self._identity() if not snapshot else {})
             frame = await self._reply(timeout)
             if frame.op == "snap_point":
                 t = self.spans.add("agent_snap_point", t)

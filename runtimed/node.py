@@ -395,7 +395,7 @@ class Node:
         try:
             await c.start()
             await c.init(blob_path.read_bytes(), timeout=float(fn.get("startup_timeout") or 300),
-                         snapshot=bool(fn.get("snapshot")),
+                         snapshot=bool(fn.get("snapshot")), fork=bool(fn.get("fork")),
                          on_snap_point=take_snapshot if fn.get("snapshot") else None)
         except BaseException:
             await c.destroy()
