@@ -81,6 +81,8 @@ class Builder:
         # set by the node: async (key, lazy info) -> True once the layer is lazily mounted
         self.lazy_policy: Callable[[str, dict], Awaitable[bool]] | None = None
         self.access_dir: Path | None = None    # where lazy mounts record opened files
+        self._built_info: dict[str, dict] = {}  # layer key -> eStargz info of layers built here
+        self.registry: str | None = None        # OCI registry to push builds to (None: env)
 
     async def ensure(self, image: dict, emit: Emit, *, build: bool = True) -> list[dict]:
         """Make every layer of `image` local: cached, pulled, or built. Returns a step report."""
@@ -102,7 +104,44 @@ class Builder:
             self.layers.hit(step.key)
             below.append(self.layers.fs(step.key))
             report.append({"index": i, "desc": step.desc, "status": status, "key": step.key})
+        if build and image.get("id"):
+            await self._push(image, lazy_layers, emit)
         return report
+
+    async def _push(self, image: dict, known: dict[str, dict], emit: Emit) -> None:
+        """Push the image to the configured OCI registry (image_push.py), if any. A failed
+        push is reported in the build stream; the build itself stands."""
+        from . import image_push
+        target = image_push.registry_target(self.registry)
+        if target is None:
+            return
+        infos = {**known, **self._built_info}
+        plan = image_push.plan_push(image, infos)
+        if plan.missing:
+            emit({"type": "log", "text": f"[image] not pushed: layers without an eStargz: "
+                                          f"{[k[:16] for k in plan.missing]}\n"})
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            blobs = []
+            for key in plan.layer_keys:
+                if key == BASE_KEY:
+                    blobs.append(await loop.run_in_executor(
+                        None, image_push.base_layer, self.layers.base_rootfs, self.work))
+                    continue
+                info = infos[key]
+                path = await self.blobs.fetch(info["estargz_digest"].split(":")[-1])
+                blobs.append(await loop.run_in_executor(None, image_push.layer_blob, path,
+                                                        info))
+            pushed = await loop.run_in_executor(None, image_push.push_image, *target, plan,
+                                                blobs)
+        except Exception as e:  # noqa: BLE001 - the build stands; say why it is not pushed
+            emit({"type": "push", "ok": False, "error": f"{type(e).__name__}: {e}"[:500]})
+            emit({"type": "log", "text": f"[image] push to {target[0]} failed: {e}\n"})
+            return
+        emit({"type": "push", "ok": True, **pushed})
+        emit({"type": "log", "text": f"[image] pushed {pushed['ref']} "
+                                      f"({pushed['manifest_digest'][:19]})\n"})
 
     async def _ensure_step(self, i: int, step: Step, below: list[Path], emit: Emit,
                            build: bool, forcing: bool, known_archive: str,
@@ -211,6 +250,7 @@ class Builder:
                          "estargz_size": lazy.size, "diff_id": lazy.diff_id,
                          "uncompressed_size": lazy.uncompressed_size,
                          "prefetch_files": len(lazy.prioritized)}
+            self._built_info[step.key] = lazy_info
         tmp_estargz.unlink(missing_ok=True)
         (self.work / "refs").mkdir(parents=True, exist_ok=True)
         (self.work / "refs" / step.key).write_text(packed.digest)

@@ -171,7 +171,10 @@ def make_app(node: Node, token: str) -> web.Application:
 
     async def set_config(request: web.Request):
         body = await read_json(request)
-        return web.json_response(node.lazy.configure(body))
+        out = node.lazy.configure(body)
+        if "registry" in body and node.builder is not None:      # where builds are pushed
+            node.builder.registry = str(body["registry"] or "")
+        return web.json_response({**out, "registry": node.builder and node.builder.registry})
 
     app.router.add_post("/v1/pools/{fid}/drain", drain)
     app.router.add_post("/v1/layers/{key}/evict", evict_layer)
