@@ -529,6 +529,9 @@ class Container:
                 "rss_bytes": cgroups.memory_rss(self.cgroup_path), "spans": self.spans.items}
 
 
+LAZY_DAEMON_NICE = 10
+
+
 async def start_lazy_pages(criu: str, image_dir: Path, work: Path, *, verbose: bool = False,
                            timeout: float = 5.0) -> asyncio.subprocess.Process:
     """Start the `criu lazy-pages` daemon for one restore; it serves the image's pages on
@@ -541,6 +544,10 @@ async def start_lazy_pages(criu: str, image_dir: Path, work: Path, *, verbose: b
         criu, "lazy-pages", "--images-dir", str(image_dir), "--work-dir", str(work),
         "-o", "lazy-pages.log", *(["-v4"] if verbose else []), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:    # its background copy of the cold pages must not starve the first call
+        os.setpriority(os.PRIO_PROCESS, proc.pid, LAZY_DAEMON_NICE)
+    except OSError:
+        pass
     deadline = time.monotonic() + timeout
     while not sock.exists():
         if proc.returncode is not None or time.monotonic() > deadline:

@@ -158,6 +158,11 @@ class LazyHeap:
         return self.heap[i], hashlib.sha256(self.heap).hexdigest() == self.digest
 
 
+@app.function(snapshot=True, scaledown_window=300, memory=512)
+def survivor(tag):
+    return tag
+
+
 @app.function(fork=True, memory=512)
 def forked(x):
     import os
@@ -404,3 +409,36 @@ def test_lazy_restore_records_working_set_and_restores_it_eagerly(deployed, runt
     assert fn.last_call.info["tier"] == "restore_lazy"
     hot = _store(runtime).parent / "hot" / snap["snapshot_id"]
     assert (hot / ".working-set").exists()
+
+
+# -- keep last: it kills the node daemon ----------------------------------------------------------
+def test_restored_container_is_cleaned_up_after_node_kill(deployed, runtime):
+    """A container restored by CRIU directly is unknown to runc: after the node daemon dies
+    (kill -9), its successor must still find it (by its cgroup) and remove it."""
+    import psutil
+    from runtimed import cgroups, criu_restore
+    if not criu_restore.available():
+        pytest.skip("runc restore on this host: covered by the foundation node-kill test")
+    survivor.remote("first")                  # cold start that takes the snapshot
+    _drain(survivor)
+    survivor.remote("k")                      # restored; stays idle (scaledown 300 s)
+    info = survivor.last_call.info
+    assert info["tier"] in ("restore", "restore_lazy"), info
+    cgroup = f"/runtimed/{info['container_id']}"
+    pids = cgroups.pids_in(cgroup)
+    assert pids, "the restored container's processes are in its cgroup"
+    node = runtime.node_process()
+    old_pid = node.pid
+    node.kill()
+    node.wait(timeout=10)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        new = runtime.node_process()
+        if new is not None and new.pid != old_pid and not cgroups.pids_in(cgroup) \
+                and not any(os.path.isdir(d) for d in cgroups.v1_dirs(cgroup)):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"orphaned restored container {cgroup} not cleaned up:\n{runtime.log_tail()}")
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    assert survivor.remote("after") == "after"
