@@ -8,12 +8,14 @@ retry policy bounds each fetch); it never returns unverified data.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from .tree import Chunk, Node
 
 log = logging.getLogger("lazyfs")
 MAX_PREFETCH_REQUEST = 32 << 20      # one range request of the prefetch covers at most this
+FIRST_PREFETCH_REQUEST = 1 << 20     # ... and its first one this (then twice the last)
 
 __all__ = ["LayerView", "Recorder", "load_recorded"]
 
@@ -186,45 +189,75 @@ class LayerView:
                  on_progress: Callable[[], None] | None = None) -> int:
         """Fetch the prioritized area (all chunks if `everything`) in few large ranges.
 
-        Returns the number of chunks stored. Errors end the prefetch (reads still fetch on
-        demand) and are logged; this never raises LazyFSError.
+        The first range is small (FIRST_PREFETCH_REQUEST) and each next one twice as large,
+        up to MAX_PREFETCH_REQUEST, so the files needed first arrive first; the next range
+        is downloaded while the current one is decoded, and each chunk is handed to the
+        readers waiting for it as soon as it is stored. Returns the number of chunks
+        stored. Errors end the prefetch (reads still fetch on demand) and are logged; this
+        never raises LazyFSError.
         """
         limit = self.blob.toc_offset if everything else self.tree.prefetch_end
         todo = [c for c in self.tree.chunks_in_order
                 if c.offset < limit and not self.cache.has(c.digest)]
         todo.sort(key=lambda c: (c.offset, c.inner_offset))
+        ranges, i, size = [], 0, FIRST_PREFETCH_REQUEST
+        while i < len(todo):
+            j, start = i, todo[i].offset
+            while j < len(todo) and todo[j].end - start <= size:
+                j += 1
+            j = max(j, i + 1)
+            ranges.append((todo[i:j], start, max(c.end for c in todo[i:j])))
+            i, size = j, min(size * 2, MAX_PREFETCH_REQUEST)
         self.counters.prefetch_state = "running"
         stored, t0 = 0, time.monotonic()
+
+        def download(k: int):
+            chunks, start, end = ranges[k]
+            # readers of these chunks wait for this range instead of fetching them again
+            claimed = self._claim([c.digest for c in chunks])
+            try:
+                return claimed, self.blob.source.read(start, end - start)
+            except BaseException:
+                self._release(claimed)
+                raise
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="lazyfs-prefetch")
+        ahead = pool.submit(download, 0) if ranges else None
         try:
-            i = 0
-            while i < len(todo):
-                if stop is not None and stop.is_set():
-                    break
-                j, start = i, todo[i].offset
-                while j < len(todo) and todo[j].end - start <= MAX_PREFETCH_REQUEST:
-                    j += 1
-                j = max(j, i + 1)
-                end = max(c.end for c in todo[i:j])
-                # Readers of these chunks wait for this range instead of fetching them again.
-                claimed = self._claim([c.digest for c in todo[i:j]])
+            for k, (chunks, start, _) in enumerate(ranges):
+                assert ahead is not None
+                claimed, buf = ahead.result()
+                ahead = None
+                if k + 1 < len(ranges) and not (stop is not None and stop.is_set()):
+                    ahead = pool.submit(download, k + 1)
                 try:
-                    buf = self.blob.source.read(start, end - start)
-                    for c in todo[i:j]:
+                    for c in chunks:
                         data = decode_chunk(c, buf[c.offset - start: c.end - start])
                         self.cache.put(c.digest, data, verified=True)
                         stored += 1
+                        ev = claimed.pop(c.digest, None)
+                        if ev is not None:
+                            self._release({c.digest: ev})
                 finally:
                     self._release(claimed)
                 with self._lock:
-                    self.counters.prefetched_chunks += j - i
+                    self.counters.prefetched_chunks += len(chunks)
                 if on_progress is not None:
                     on_progress()
-                i = j
-            self.counters.prefetch_state = "done"
-            log.info("prefetch: %d chunks in %.2fs", stored, time.monotonic() - t0)
+                if ahead is None:
+                    break
+            self.counters.prefetch_state = "done" if stored == len(todo) else "stopped"
+            log.info("prefetch: %d chunks in %d ranges in %.2fs", stored, len(ranges),
+                     time.monotonic() - t0)
         except LazyFSError as e:
             self.counters.prefetch_state = f"failed: {e}"
             log.warning("prefetch stopped after %d chunks: %s", stored, e)
+        finally:
+            if ahead is not None:       # stopped or failed with a download under way
+                # a failed download released its claim itself
+                with contextlib.suppress(Exception):
+                    self._release(ahead.result()[0])
+            pool.shutdown(wait=False)
         return stored
 
     def status(self) -> dict:

@@ -215,3 +215,25 @@ def test_reads_wait_for_the_prefetch_instead_of_fetching_again(tmp_path: Path, l
     assert view.read(ino, 0, len(want)) == want
     t.join()
     assert len(src.reads) == 1 and view.counters.fetched_chunks == 0
+
+
+def test_prefetch_ranges_start_small_and_grow(tmp_path: Path):
+    import os
+
+    import lazyfs.view as view_mod
+    d = tmp_path / "big"
+    (d / "lib").mkdir(parents=True)
+    names = []
+    for i in range(12):                       # 12 incompressible 256 KiB files: 3 MiB
+        (d / f"lib/m{i:02}.so").write_bytes(os.urandom(256 << 10))
+        names.append(f"lib/m{i:02}.so")
+    b = write_layer(d, tmp_path / "b.esgz", prioritized=names)
+    src = CountingSource(FileBlobSource(b.path))
+    blob = open_estargz(src, b.toc_digest)
+    src.reads.clear()
+    view = LayerView(blob, ChunkCache(tmp_path / "cache"))
+    assert view.prefetch() == 12              # the 12 files (the landmark is after them)
+    sizes = [n for _, n in src.reads]
+    assert sizes[0] <= view_mod.FIRST_PREFETCH_REQUEST and len(sizes) >= 2, sizes
+    assert sizes == sorted(sizes[:-1]) + sizes[-1:]   # growing (the last may be a remainder)
+    assert view.status()["prefetch"] == "done"
