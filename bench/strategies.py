@@ -192,15 +192,67 @@ def peer_pulled(ctx: Ctx, fn: Function, prep: dict) -> dict:
             "pulled_bytes": after["stored_bytes"] - before["stored_bytes"]}
 
 
-def _empty_image_cache(ctx: Ctx, fn: Function, args: tuple, lazy: bool) -> dict:
+def _layer_keys(fn: Function) -> list[str]:
+    return [st["key"] for st in fn.image.spec()["steps"] if st["kind"] in ("run", "files")]
+
+
+def _empty_image_cache(ctx: Ctx, fn: Function, args: tuple, lazy: bool,
+                       prefetch: bool = False) -> dict:
     drain(ctx, fn, args)
-    keys = [st["key"] for st in fn.image.spec()["steps"] if st["kind"] in ("run", "files")]
-    ctx.rt.evict_layers(keys, lazy_images=lazy, only=[ctx.home] if ctx.home else None)
+    keys = _layer_keys(fn)
+    ctx.rt.evict_layers(keys, lazy_images=lazy, only=[ctx.home] if ctx.home else None,
+                        lazy_prefetch=prefetch)
     return {"evicted_layers": len(keys)}
 
 
 def empty_cache_lazy(ctx: Ctx, fn: Function, args: tuple) -> dict:
     return _empty_image_cache(ctx, fn, args, True)
+
+
+def empty_cache_lazy_prefetch(ctx: Ctx, fn: Function, args: tuple) -> dict:
+    return _empty_image_cache(ctx, fn, args, True, prefetch=True)
+
+
+def _published(ctx: Ctx, keys: list[str]) -> dict[str, int]:
+    """Layer key -> files in its served eStargz's prefetch area (0: none yet)."""
+    out = {}
+    for r in ctx.rt.client.json("GET", "/v1/images")["layers"]:
+        out[r["key"]] = int(r.get("prefetch_files") or 0)
+    return {k: out.get(k, 0) for k in keys}
+
+
+def record_working_set(ctx: Ctx, fn: Function, args: tuple, timeout: float = 300.0) -> dict:
+    """One lazy start on an empty image cache: its mount records the files the call
+    opens, and the node, once the layer is local, republishes the layer's eStargz with
+    them first. Waits until the dispatcher serves that blob."""
+    keys = _layer_keys(fn)
+    t = time.perf_counter()
+    info: dict = {}
+    if not all(_published(ctx, keys).values()):
+        empty_cache_lazy_prefetch(ctx, fn, args)
+        c = timed_call(fn, args)
+        info = {"record_call_ms": round(c.total_ms, 3), "record_call_error": c.error}
+        while not all(_published(ctx, keys).values()):
+            if time.perf_counter() - t > timeout:
+                return {**info, "error": f"no recorded prefetch published in {timeout:.0f} s"}
+            time.sleep(1.0)
+    return {**info, "prefetch_files": _published(ctx, keys),
+            "publish_wait_s": round(time.perf_counter() - t, 1)}
+
+
+def lazy_fetched(ctx: Ctx, fn: Function, prep: dict) -> dict:
+    """What the lazy mounts of the function's layers fetched for this start (range reads
+    on demand + the prefetch), as the node reports it."""
+    keys = {k[:16] for k in _layer_keys(fn)}
+    time.sleep(0.6)                       # mounts write their status twice a second
+    out = {"lazy_bytes_fetched": 0, "lazy_fetched_chunks": 0, "lazy_prefetched_chunks": 0}
+    for _node, nc in ctx.rt.node_clients([ctx.home] if ctx.home else None):
+        for li in nc.json("GET", "/v1/status").get("layers", []):
+            if li["key"] in keys and li.get("was_lazy"):
+                out["lazy_bytes_fetched"] += li.get("bytes_fetched") or 0
+                out["lazy_fetched_chunks"] += li.get("fetched_chunks") or 0
+                out["lazy_prefetched_chunks"] += li.get("prefetched_chunks") or 0
+    return out
 
 
 def empty_cache_full(ctx: Ctx, fn: Function, args: tuple) -> dict:
@@ -244,6 +296,11 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy("full_pull", "cold start on a node with an empty image cache: pull and unpack "
              "every layer first", variant="plain", expect=("cold",), prepare=empty_cache_full),
     Strategy("lazy_image", "cold start on a node with an empty image cache: eStargz layers "
-             "mounted lazily over FUSE, fetched by range on first read",
-             variant="plain", expect=("cold",), prepare=empty_cache_lazy),
+             "mounted lazily over FUSE, fetched by range on first read (no prefetch)",
+             variant="plain", expect=("cold",), prepare=empty_cache_lazy, after=lazy_fetched),
+    Strategy("lazy_prefetch", "lazy_image, with the layer's eStargz republished after an "
+             "earlier lazy start with the files it opened first: the mount prefetches that "
+             "working set in large range reads",
+             variant="plain", expect=("cold",), setup=record_working_set,
+             prepare=empty_cache_lazy_prefetch, after=lazy_fetched),
 ]}
