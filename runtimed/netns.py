@@ -52,6 +52,7 @@ class NetworkManager:
         os.makedirs(LEASE_DIR, exist_ok=True)
         self.pool_size = pool_size
         self._pool: dict[bool, list[NetnsHandle]] = {True: [], False: []}
+        self._closed = False           # drained for shutdown: refills stop
         self._refilling = False
 
     def _ensure_host(self) -> None:
@@ -118,7 +119,7 @@ class NetworkManager:
 
     def refill_async(self) -> None:
         with self._lock:
-            if self._refilling or self.pool_size <= 0:
+            if self._refilling or self.pool_size <= 0 or self._closed:
                 return
             self._refilling = True
         # Start a little later: a refill competing for the CPU with the restore or
@@ -130,10 +131,13 @@ class NetworkManager:
     def _refill(self) -> None:
         try:
             for network in (True, False):
-                while len(self._pool[network]) < self.pool_size:
+                while len(self._pool[network]) < self.pool_size and not self._closed:
                     h = self.create(secrets.token_hex(6), network=network)
                     with self._lock:
-                        self._pool[network].append(h)
+                        if not self._closed:
+                            self._pool[network].append(h)
+                            continue
+                    self.destroy(h)        # drained while it was being made (shutdown)
         except Exception as e:  # noqa: BLE001 - the pool is an optimization
             log.warning("netns pool refill failed: %s", e)
         finally:
@@ -141,7 +145,10 @@ class NetworkManager:
                 self._refilling = False
 
     def drain(self) -> None:
+        """Shutdown: destroy the pooled namespaces; a refill under way stops and cleans
+        up what it makes (else its netns and lease outlive the daemon)."""
         with self._lock:
+            self._closed = True
             handles = self._pool[True] + self._pool[False]
             self._pool = {True: [], False: []}
         for h in handles:

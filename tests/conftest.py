@@ -191,6 +191,15 @@ def _stop(rt: Runtime) -> None:
             subprocess.run(["runc", "--root", RUNC_ROOT, "delete", "--force", cid],
                            capture_output=True)
 
+    # containers restored by CRIU directly (runc does not know them): by their cgroups
+    from runtimed import cgroups
+    cdir = rt.node_dir / "c"
+    for cid in (os.listdir(cdir) if cdir.is_dir() else []):
+        if cgroups.pids_in(f"/runtimed/{cid}") or any(
+                os.path.isdir(d) for d in cgroups.v1_dirs(f"/runtimed/{cid}")):
+            _leftovers.append(f"restored container {cid} (cgroup /runtimed/{cid})")
+            cgroups.v1_kill_and_remove(f"/runtimed/{cid}")
+
     # overlay (or any) mounts under the state dir, deepest first
     for mp in sorted(mounts_under(str(rt.state)), key=len, reverse=True):
         _leftovers.append(f"mount {mp}")
