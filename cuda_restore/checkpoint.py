@@ -1,7 +1,8 @@
 """cuda-checkpoint: suspend a process's CUDA state to host memory so CRIU can dump it, and
 resume it after a restore. Plus the decision which GPU snapshot path to take.
 
-    find_tool() -> CudaCheckpointTool | None       PATH, /usr/bin, /usr/local/bin; --help parsed
+    find_tool(path=None) -> CudaCheckpointTool | None   that path, else PATH, /usr/bin,
+                                                        /usr/local/bin; --help parsed
     get_state(tool, pid) -> CudaState              running | locked | checkpointed | failed
     suspend(tool, pid)                              running -> checkpointed
     resume(tool, pid)                               checkpointed -> running
@@ -31,7 +32,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -79,21 +80,22 @@ def parse_help(path: str, text: str) -> CudaCheckpointTool:
                               has_device_map="--device-map" in text)
 
 
-def find_tool(*, which: Callable[[str], str | None] = shutil.which,
+def find_tool(path: str | None = None, *, which: Callable[[str], str | None] = shutil.which,
               is_executable: Callable[[str], bool] = lambda p: os.access(p, os.X_OK),
               run: Runner = _subprocess_run, timeout: float = 10.0) -> CudaCheckpointTool | None:
     """The installed cuda-checkpoint and its features, or None if there is none (or it
-    does not answer --help like cuda-checkpoint)."""
-    candidates = [p for p in (which(TOOL_NAME), *SEARCH_PATHS) if p]
-    for path in dict.fromkeys(candidates):
-        if not is_executable(path):
+    does not answer --help like cuda-checkpoint). With `path` (a node's configured tool),
+    only that file is considered: a configured tool that is missing means none."""
+    candidates = [path] if path else [p for p in (which(TOOL_NAME), *SEARCH_PATHS) if p]
+    for exe in dict.fromkeys(candidates):
+        if not is_executable(exe):
             continue
         try:
-            _, out = run([path, "--help"], timeout)
+            _, out = run([exe, "--help"], timeout)
         except (OSError, subprocess.SubprocessError):
             continue
         if "--toggle" in out or "--action" in out:
-            return parse_help(path, out)
+            return parse_help(exe, out)
     return None
 
 
@@ -243,11 +245,33 @@ def plan_gpu_snapshot(has_cuda_context: bool, tool_available: bool | CudaCheckpo
 
 
 def snapshot_gpu_meta(plan: GpuSnapshotPlan, driver_version: str, gpu_names: list[str],
-                      gpu_uuids: list[str]) -> dict[str, str]:
-    """Snapshot metadata (manifest meta, str -> str) that `restore_incompatibility` checks."""
-    return {"gpu_snapshot_path": plan.path, "gpu_snapshot_reason": plan.reason,
+                      gpu_uuids: list[str], suspended: Sequence[int] = ()) -> dict[str, str]:
+    """Snapshot metadata (manifest meta, str -> str) that `restore_incompatibility` checks.
+    `suspended`: the pids (as seen inside the container's pid namespace, which CRIU
+    restores unchanged) that went through cuda-checkpoint and must be resumed."""
+    meta = {"gpu_snapshot_path": plan.path, "gpu_snapshot_reason": plan.reason,
             "gpu_driver": driver_version, "gpu_models": ",".join(gpu_names),
             "gpu_uuids": ",".join(gpu_uuids)}
+    if suspended:
+        meta["cuda_suspended_pids"] = ",".join(str(p) for p in sorted(suspended))
+    return meta
+
+
+def suspended_pids(meta: dict[str, str]) -> list[int]:
+    """The namespace pids a cuda_checkpoint snapshot must resume after restore. Raises
+    CudaCheckpointError on a malformed value (a hostile or damaged manifest)."""
+    raw = meta.get("cuda_suspended_pids", "")
+    if not raw:
+        return []
+    try:
+        pids = [int(x) for x in raw.split(",")]
+    except ValueError:
+        raise CudaCheckpointError(f"snapshot meta cuda_suspended_pids={raw[:80]!r} is not a "
+                                  "list of pids") from None
+    if any(p <= 0 for p in pids) or len(pids) > 4096:
+        raise CudaCheckpointError(f"snapshot meta cuda_suspended_pids={raw[:80]!r} is out of "
+                                  "range")
+    return pids
 
 
 def restore_incompatibility(meta: dict[str, str], driver_version: str, gpu_names: list[str],

@@ -2,7 +2,9 @@
 
     inspect_cuda(pids) -> [CudaProcView]          reads /proc (fds, maps, thread names, environ)
     find_cuda_blockers(views) -> [reason, ...]    empty: safe to checkpoint without a GPU
-    cuda_pids(views) -> [pid, ...]                who holds a CUDA context (for cuda-checkpoint)
+    cuda_pids(views) -> [pid, ...]                who has a /dev/nvidia* file open
+    cuda_context_pids(views) -> [pid, ...]        who shows any sign of a CUDA context (the
+                                                  processes cuda-checkpoint must suspend)
     cuda_notes(views) -> [note, ...]              harmless observations worth logging
 
 What gives CUDA away, most certain first:
@@ -140,6 +142,22 @@ def cuda_pids(procs: Iterable[ProcLike]) -> list[int]:
     """Processes holding a live CUDA context or NVML session (an open /dev/nvidia* fd):
     the ones cuda-checkpoint must suspend before CRIU dumps the tree."""
     return sorted({p.pid for p in procs if any(fd.startswith("/dev/nvidia") for fd in p.fds)})
+
+
+def _has_cuda_context(p: ProcLike) -> bool:
+    if any(fd.startswith("/dev/nvidia") for fd in p.fds):
+        return True
+    if any(_driver_lib(m) == "libcuda.so" for m in p.maps):
+        return True
+    return any(t.startswith(CUDA_THREAD_PREFIXES) for t in getattr(p, "threads", ()))
+
+
+def cuda_context_pids(procs: Iterable[ProcLike]) -> list[int]:
+    """Processes that show a CUDA context: a /dev/nvidia* file open, libcuda.so mapped
+    (cuInit ran) or CUDA's helper threads. These are suspended with cuda-checkpoint before
+    a dump; one that only initialized NVML has no CUDA context to suspend (cuda-checkpoint
+    fails on it, and the guard still refuses its open device file)."""
+    return sorted({p.pid for p in procs if _has_cuda_context(p)})
 
 
 def cuda_notes(procs: Iterable[ProcLike]) -> list[str]:

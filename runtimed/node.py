@@ -21,12 +21,14 @@ import psutil
 
 from sdk.exception import (ContainerCrashError, Error, ExecutionError, InvalidError,
                            NodeUnavailableError, NotFoundError, SnapshotError)
+from snapshot.store import SnapshotIncompatible
 
 from . import agentfs, bundle, cgroups, criu_env, rootfs
 from .blobs import BlobSource
 from .builder import Builder, layer_keys
 from .config import Paths
 from .container import Container, ContainerConfig, NodeContext, RemoteInitError
+from .gpu_snapshot import ENV_TOOL, GpuTarget
 from .ids import new_id
 from .lazy_layers import LazyLayers
 from .layers import LayerStore
@@ -350,6 +352,10 @@ class Node:
                 sid = found.manifest.snapshot_id
                 try:
                     return await self._restore(fn, cfg, found.manifest, cid)
+                except SnapshotIncompatible as e:    # fine elsewhere: keep it
+                    note = f"snapshot {sid} not restorable here, cold start used: {e}"
+                    log.info("%s", note)
+                    self.stats["restore_fallbacks"] += 1
                 except Exception as e:  # noqa: BLE001 - any failure: cold start instead
                     note = f"restore of {sid} failed, cold start used: {e}"
                     log.warning("%s", note)
@@ -383,7 +389,7 @@ class Node:
             nonlocal note
             try:
                 m = await self.snapshots.take(c, fn["id"], fn["image"].get("id", ""), fn["id"],
-                                              snapshot_meta(fn, cfg))
+                                              snapshot_meta(fn, cfg), gpu=self.gpus.target(c.id))
                 self.stats["snapshots_taken"] += 1
                 note = (note + "; " if note else "") + f"snapshot {m.snapshot_id} taken"
             except Exception as e:  # noqa: BLE001 - the function runs on without a snapshot
@@ -408,12 +414,15 @@ class Node:
         assert self.ctx is not None
         c = Container(cid or new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
         sid = manifest.snapshot_id
+        cuda_tool = await self._cuda_restore_check(manifest, c.id)
         mode = self.snapshots.choose_mode(sid, fn.get("restore_mode"))
         try:
             t = t0 = time.perf_counter()
             src = await self.snapshots.source(manifest, lazy=mode == "lazy")
             c.spans.add("materialize", t)
             await c.start(restore=src)
+            if cuda_tool is not None:
+                await self._cuda_resume_restored(c, manifest, cuda_tool)
             await c.resume()
         except BaseException:
             await c.destroy()
@@ -422,6 +431,37 @@ class Node:
         c.snapshot_note = f"restored {sid} ({mode})"
         c.tier = "restore" if mode == "eager" else "restore_lazy"
         return c
+
+    async def _cuda_restore_check(self, manifest, cid: str):
+        """For a snapshot holding suspended CUDA state: the cuda-checkpoint to resume it
+        with. Raises SnapshotIncompatible when it cannot be restored onto the GPUs `cid`
+        was given here (another GPU model or driver, no tool). None: nothing to resume."""
+        from cuda_restore.checkpoint import restore_incompatibility
+        if manifest.meta.get("gpu_snapshot_path") != "cuda_checkpoint":
+            return None
+        target = self.gpus.target(cid)
+        tool = await asyncio.get_running_loop().run_in_executor(None, self.gpus.find_tool)
+        names, uuids = (list(target.gpu_names), list(target.gpu_uuids)) if target else ([], [])
+        why = restore_incompatibility(manifest.meta, self.gpus.inventory.driver_version,
+                                      names, uuids, tool)
+        if why:
+            raise SnapshotIncompatible(f"snapshot {manifest.snapshot_id}: {why}",
+                                       snapshot_id=manifest.snapshot_id, reason=why)
+        return tool
+
+    async def _cuda_resume_restored(self, c: Container, manifest, tool) -> None:
+        """After the CRIU restore: the GPUs' device nodes go in first, then CUDA is resumed
+        in each process that was suspended for the snapshot (by its namespace pid)."""
+        from cuda_restore.checkpoint import suspended_pids
+
+        from .gpu_snapshot import host_pids_for, ns_pids, resume_pids
+        t = time.perf_counter()
+        await c.attach_gpus()
+        loop = asyncio.get_running_loop()
+        host_to_ns = await loop.run_in_executor(None, ns_pids, cgroups.pids_in(c.cgroup_path))
+        pids = host_pids_for(suspended_pids(manifest.meta), host_to_ns)
+        await resume_pids(tool, pids, f"in the restored {manifest.snapshot_id}")
+        c.spans.add("cuda_resume", t)
 
     # -- lazy images ---------------------------------------------------------------------------
     async def evict_layer(self, key: str) -> dict:
@@ -532,7 +572,11 @@ class NodeGpus:
     RUNTIMED_FAKE_GPUS=<preset> (a `cuda_restore.fake_nvml.PRESETS` name, for tests and
     development on hosts without GPUs): the inventory is that fake machine's; GPUs are
     scheduled, reserved and preempted as usual, but nothing is bound into containers, so
-    GPU functions run on the CPU."""
+    GPU functions run on the CPU.
+
+    RUNTIMED_CUDA_CHECKPOINT=<path> (or `cuda_checkpoint` in the node's /v1/config): the
+    cuda-checkpoint used for snapshots of processes holding a CUDA context; unset, it is
+    searched on PATH, /usr/bin, /usr/local/bin."""
 
     def __init__(self, root: Path):
         from cuda_restore.inventory import GpuProbe, NodeGpuInventory
@@ -543,6 +587,7 @@ class NodeGpus:
         self.inventory = NodeGpuInventory.empty("not read yet")
         self.ledger = GpuLedger()
         self.driver_dir: str | None = None
+        self.cuda_checkpoint: str | None = os.environ.get(ENV_TOOL, "").strip() or None
         self._cond = asyncio.Condition()
 
     def start(self) -> None:
@@ -564,6 +609,20 @@ class NodeGpus:
 
     def wire(self) -> list:
         return self.inventory.to_wire().get("gpus", []) if self.inventory.gpus else []
+
+    def find_tool(self):
+        """This node's cuda-checkpoint (features from its --help), or None."""
+        from cuda_restore.checkpoint import find_tool
+        return find_tool(self.cuda_checkpoint)
+
+    def target(self, cid: str) -> GpuTarget | None:
+        """The GPUs container `cid` holds, for a GPU snapshot (None: it holds none)."""
+        alloc = self.ledger.get(cid)
+        if alloc is None or not self.inventory.gpus:
+            return None
+        gpus = [self.inventory.gpu(i) for i in alloc.gpus]
+        return GpuTarget(self.inventory.driver_version, tuple(g.name for g in gpus),
+                         tuple(g.uuid for g in gpus), self.cuda_checkpoint)
 
     async def reserve(self, fn: dict, cid: str, idle: Callable[[], frozenset[str]],
                       timeout: float = 120.0):
@@ -662,6 +721,9 @@ class SnapshotAdmin:
             raise SnapshotError(f"snapshot {snapshot_id} cannot be restored here: {reason}")
         if "container_config" not in m.meta:
             raise SnapshotError(f"snapshot {snapshot_id} does not record its container config")
+        if m.meta.get("gpu_snapshot_path") == "cuda_checkpoint":
+            raise SnapshotError(f"snapshot {snapshot_id} holds suspended CUDA state: it is "
+                                "restored by a call of its function, which is given GPUs")
         fn_cfg = _cfg_from_wire(json.loads(m.meta["container_config"]))
         c = Container(new_id("ctr", 6), self.node.ctx, fn_cfg, function_key=m.function_id)
         c.tier = "restore"

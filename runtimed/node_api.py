@@ -174,7 +174,10 @@ def make_app(node: Node, token: str) -> web.Application:
         out = node.lazy.configure(body)
         if "registry" in body and node.builder is not None:      # where builds are pushed
             node.builder.registry = str(body["registry"] or "")
-        return web.json_response({**out, "registry": node.builder and node.builder.registry})
+        if "cuda_checkpoint" in body:          # path of cuda-checkpoint; "" or null: search
+            node.gpus.cuda_checkpoint = str(body["cuda_checkpoint"] or "").strip() or None
+        return web.json_response({**out, "registry": node.builder and node.builder.registry,
+                                  "cuda_checkpoint": node.gpus.cuda_checkpoint})
 
     app.router.add_post("/v1/pools/{fid}/drain", drain)
     app.router.add_post("/v1/layers/{key}/evict", evict_layer)

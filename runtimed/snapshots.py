@@ -3,6 +3,8 @@ find one for a function, and materialize it for `runc restore`.
 
 Checkpoint, as ordered named steps (each timed into the manifest's meta):
     guard -> dump (runc checkpoint --leave-running) -> capture upper dir -> store.put
+A GPU container holding a CUDA context takes the cuda-checkpoint path (gpu_snapshot.py):
+    guard -> cuda_suspend -> guard (cuda_suspended) -> dump -> cuda_resume -> upper -> put
 The CRIU image dir is kept as the node's hot copy, so the next restore skips
 materializing from chunks; a node that only has the chunks materializes (verifying
 every chunk) once and keeps the result hot.
@@ -27,14 +29,19 @@ from snapshot import transfer, workingset
 from snapshot.store import (SnapshotCorruptError, SnapshotIncompatible, SnapshotStore)
 from snapshot.transfer import PullStats
 
-from . import archive, cgroups
+from cuda_restore.checkpoint import fallback, snapshot_gpu_meta
+from cuda_restore.errors import CudaCheckpointError
+from cuda_restore.guard import cuda_context_pids, find_cuda_blockers
+
+from . import archive, cgroups, gpu_snapshot
 from .container import Container, RestoreSource
+from .gpu_snapshot import GpuTarget
 from .runc import Runc
 
 log = logging.getLogger(__name__)
 UPPER_FILE = "rootfs-upper.tar.zst"
 TRIES_PER_MODE = 2
-WS_RECORDINGS = 3          # lazy restores whose page faults make up a snapshot's working set
+WS_RECORDINGS = 2          # lazy restores whose page faults make up a snapshot's working set
 PROBE_EVERY = 20
 
 
@@ -93,8 +100,11 @@ class SnapshotManager:
         return Lookup(m, "" if m else "no snapshot yet")
 
     async def take(self, c: Container, key: str, image_id: str, function_id: str,
-                   extra_meta: dict[str, str] | None = None) -> SnapshotManifest:
-        """Checkpoint `c` (left running) and store it under `key`. Raises SnapshotError."""
+                   extra_meta: dict[str, str] | None = None,
+                   gpu: GpuTarget | None = None) -> SnapshotManifest:
+        """Checkpoint `c` (left running) and store it under `key`. Raises SnapshotError.
+        `gpu` (the container's GPUs): processes holding a CUDA context are suspended with
+        cuda-checkpoint around the dump where the node can; else the guard refuses."""
         loop = asyncio.get_running_loop()
         timings: dict[str, float] = {}
         t = time.perf_counter()
@@ -103,11 +113,14 @@ class SnapshotManager:
                                 "a snapshot; snapshots are taken from cold-started containers")
         pids = cgroups.pids_in(c.cgroup_path)
         fp = self.fingerprint
-        blockers = find_blockers(await loop.run_in_executor(None, inspect_pids, pids),
-                                 inet_ok=inet_sockets_dumpable(fp.kernel, fp.criu_version))
-        if blockers:
-            raise SnapshotError("refusing to snapshot: " + "; ".join(blockers))
+        inet_ok = inet_sockets_dumpable(fp.kernel, fp.criu_version)
+        views = await loop.run_in_executor(None, inspect_pids, pids)
+        blockers = find_blockers(views, inet_ok=inet_ok)
         timings["guard_ms"] = (time.perf_counter() - t) * 1000
+        cuda: gpu_snapshot.CudaSuspension | None = None
+        gpu_meta: dict[str, str] = {}
+        if blockers:      # CUDA can be suspended around the dump; else this raises
+            cuda, gpu_meta = await self._suspend_cuda(c, views, blockers, gpu, inet_ok, timings)
         tmp = self.work / f"{c.id}-dump"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -115,6 +128,7 @@ class SnapshotManager:
             t = time.perf_counter()
             try:
                 await self.runc.checkpoint(c.id, tmp, self.work / f"{c.id}-criu")
+                timings["dump_ms"] = (time.perf_counter() - t) * 1000
             except Exception as e:
                 kept = self.root / "failed" / f"{c.id}-dump.log"
                 kept.parent.mkdir(exist_ok=True)
@@ -123,13 +137,18 @@ class SnapshotManager:
                 except OSError:
                     pass
                 raise SnapshotError(f"CRIU checkpoint failed (log: {kept}): {e}") from e
-            timings["dump_ms"] = (time.perf_counter() - t) * 1000
+            finally:
+                if cuda is not None:      # the container keeps running: give CUDA back
+                    t = time.perf_counter()
+                    await cuda.resume_all()
+                    timings["cuda_resume_ms"] = (time.perf_counter() - t) * 1000
             t = time.perf_counter()
             await loop.run_in_executor(None, archive.pack_layer, c.dir / "upper", tmp / UPPER_FILE)
             timings["upper_ms"] = (time.perf_counter() - t) * 1000
             t = time.perf_counter()
             meta = {k: f"{v:.1f}" for k, v in timings.items()}
             meta.update(extra_meta or {})
+            meta.update(gpu_meta)
             m = await loop.run_in_executor(None, lambda: self.store.put(
                 tmp, key, image_id, function_id, self.fingerprint, meta))
             self._keys_cache = None
@@ -147,6 +166,40 @@ class SnapshotManager:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(self.work / f"{c.id}-criu", ignore_errors=True)
+
+    async def _suspend_cuda(self, c: Container, views: list, blockers: list[str],
+                            gpu: GpuTarget | None, inet_ok: bool, timings: dict[str, float]
+                            ) -> tuple[gpu_snapshot.CudaSuspension, dict[str, str]]:
+        """The cuda-checkpoint steps before a dump: plan, suspend each process holding a
+        CUDA context, guard again. Returns the suspension (resume it after the dump) and
+        the snapshot's GPU meta. Raises SnapshotError with the reason, nothing suspended."""
+        loop = asyncio.get_running_loop()
+        t = time.perf_counter()
+        context_pids = cuda_context_pids(views)
+        tool = (await loop.run_in_executor(None, gpu.find_tool)
+                if gpu is not None and context_pids else None)
+        plan = gpu_snapshot.plan_take(blockers, find_cuda_blockers(views), context_pids, gpu,
+                                      tool)
+        assert plan is not None and tool is not None and gpu is not None
+        timings["guard_ms"] += (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        cuda = gpu_snapshot.CudaSuspension(tool)
+        try:
+            await cuda.suspend_all(context_pids)
+        except CudaCheckpointError as e:
+            raise SnapshotError(fallback(plan, e).reason) from e
+        timings["cuda_suspend_ms"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        views = await loop.run_in_executor(None, inspect_pids, cgroups.pids_in(c.cgroup_path))
+        left = find_blockers(views, inet_ok=inet_ok, cuda_suspended=True)
+        ns = await loop.run_in_executor(None, gpu_snapshot.ns_pids, context_pids)
+        if left or len(ns) != len(context_pids):
+            await cuda.resume_all("after the refused snapshot")
+            raise SnapshotError("refusing to snapshot after cuda-checkpoint: "
+                                + ("; ".join(left) or "a suspended process is gone"))
+        timings["guard_ms"] += (time.perf_counter() - t) * 1000
+        return cuda, snapshot_gpu_meta(plan, gpu.driver_version, list(gpu.gpu_names),
+                                       list(gpu.gpu_uuids), [ns[p] for p in context_pids])
 
     async def source(self, m: SnapshotManifest, lazy: bool = False) -> RestoreSource:
         """A restorable dir for `m`: the hot copy, or materialized (verified) from chunks."""

@@ -99,12 +99,15 @@ def inet_sockets_dumpable(kernel: str, criu_version: str) -> bool:
     return not (ver(kernel) >= (6, 16) and ver(criu_version) < (4, 2))
 
 
-def find_blockers(procs: list[ProcView], *, inet_ok: bool = True) -> list[str]:
-    """Human-readable reasons this process tree must not be checkpointed (empty: fine)."""
+def find_blockers(procs: list[ProcView], *, inet_ok: bool = True,
+                  cuda_suspended: bool = False) -> list[str]:
+    """Human-readable reasons this process tree must not be checkpointed (empty: fine).
+    `cuda_suspended`: the CUDA processes went through cuda-checkpoint (see
+    cuda_restore.guard.cuda_blockers)."""
     reasons = []
     from cuda_restore.guard import cuda_blockers
     for p in procs:
-        reasons.extend(cuda_blockers(p))
+        reasons.extend(cuda_blockers(p, cuda_suspended=cuda_suspended))
         if not inet_ok:
             for sock in p.inet_sockets:
                 reasons.append(f"pid {p.pid} holds an inet socket ({sock}): CRIU cannot "

@@ -289,3 +289,15 @@ def runtime(request):
                 _notes.append(f"the test runtime's log is kept at {log_path}")
             else:
                 log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def cuda_checkpoint_fake():
+    """tests/fakes/cuda_checkpoint.py as a module: `install(dir, python, help=..., fail=...)`
+    puts a fake cuda-checkpoint there, `configure(dir, ...)` changes what it does."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "fake_cuda_checkpoint", Path(__file__).resolve().parent / "fakes" / "cuda_checkpoint.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

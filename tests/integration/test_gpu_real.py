@@ -210,3 +210,27 @@ def test_cuda_checkpoint_round_trip_of_a_torch_tensor():
     finally:
         p.kill()
         p.wait(timeout=30)
+
+
+def test_node_cuda_suspension_steps_on_a_real_cuda_process(cuda_child):
+    """The node's take-side steps (runtimed.gpu_snapshot) on a real context: found by the
+    guard, suspended, passes the cuda_suspended guard, resumed with memory intact."""
+    import asyncio
+
+    from cuda_restore.guard import cuda_context_pids
+    from runtimed.gpu_snapshot import CudaSuspension, ns_pids
+    tool = find_tool(os.environ.get("RUNTIMED_CUDA_CHECKPOINT") or None)
+    if tool is None:
+        pytest.skip("cuda-checkpoint is not installed (or RUNTIMED_CUDA_CHECKPOINT is wrong)")
+    p = cuda_child()
+    assert cuda_context_pids(inspect_cuda([p.pid])) == [p.pid]
+    cuda = CudaSuspension(tool)
+    asyncio.run(cuda.suspend_all([p.pid]))
+    try:
+        assert find_cuda_blockers(inspect_cuda([p.pid]), cuda_suspended=True) == []
+        assert ns_pids([p.pid]) == {p.pid: p.pid}
+    finally:
+        asyncio.run(cuda.resume_all())
+    p.stdin.write("check\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "ok"

@@ -2,11 +2,10 @@
 570 --action style, failing and hanging ones), plus the GPU snapshot plan."""
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -46,49 +45,24 @@ Version 550.54.14. Copyright (C) 2024 NVIDIA Corporation. All rights reserved.
     --help
 """
 
-# A stand-in for cuda-checkpoint: keeps a per-pid state file next to itself and follows
-# the state machine (running -lock-> locked -checkpoint-> checkpointed -restore-> locked
-# -unlock-> running; --toggle does running <-> checkpointed). fake.json says which help
-# text to print, which action fails, which one hangs.
-FAKE = textwrap.dedent("""\
-    #!{python}
-    import json, os, sys, time
-    here = os.path.dirname(os.path.abspath(__file__))
-    cfg = json.load(open(os.path.join(here, "fake.json")))
-    args = sys.argv[1:]
-    with open(os.path.join(here, "calls.log"), "a") as log:
-        log.write(" ".join(args) + "\\n")
-    if "--help" in args:
-        print(cfg["help"]); sys.exit(0)
-    pid = args[args.index("--pid") + 1]
-    sf = os.path.join(here, "state-" + pid)
-    state = open(sf).read() if os.path.exists(sf) else "running"
-    op = "get-state" if "--get-state" in args else "toggle" if "--toggle" in args else \\
-        args[args.index("--action") + 1] if "--action" in args else "?"
-    if op == cfg.get("hang"):
-        time.sleep(30)
-    if op == cfg.get("fail"):
-        print("Error: could not " + op + " pid " + pid + ": CUDA_ERROR_NOT_SUPPORTED",
-              file=sys.stderr); sys.exit(1)
-    if op == "get-state":
-        print(state); sys.exit(0)
-    moves = {{("toggle", "running"): "checkpointed", ("toggle", "checkpointed"): "running",
-             ("lock", "running"): "locked", ("checkpoint", "locked"): "checkpointed",
-             ("restore", "checkpointed"): "locked", ("unlock", "locked"): "running"}}
-    if (op, state) not in moves:
-        print("Error: " + op + " is not valid in state " + state, file=sys.stderr); sys.exit(2)
-    open(sf, "w").write(moves[(op, state)])
-""")
+# A stand-in for cuda-checkpoint (tests/fakes/cuda_checkpoint.py): follows the real tool's
+# state machine with a state file per pid; fake.json says which help text to print, which
+# action fails, which one hangs.
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
+
+
+def load_fake():
+    spec = importlib.util.spec_from_file_location("fake_cuda_checkpoint",
+                                                  FAKES / "cuda_checkpoint.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def fake_tool(tmp_path: Path, help_text: str = HELP_570, **cfg) -> tuple[CudaCheckpointTool, Path]:
     d = tmp_path / "bin"
-    d.mkdir(parents=True, exist_ok=True)
-    exe = d / "cuda-checkpoint"
-    exe.write_text(FAKE.format(python=sys.executable))
-    exe.chmod(0o755)
-    (d / "fake.json").write_text(json.dumps(dict(cfg, help=help_text)))
-    tool = find_tool(which=lambda name: str(exe) if name == "cuda-checkpoint" else None)
+    exe = load_fake().install(str(d), sys.executable, help=help_text, **cfg)
+    tool = find_tool(which=lambda name: exe if name == "cuda-checkpoint" else None)
     assert tool is not None
     return tool, d
 
