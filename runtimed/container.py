@@ -166,6 +166,11 @@ class Container:
         t = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
+        lazy_start = None
+        if restore is not None and restore.lazy:     # its start-up overlaps the sandbox's
+            lazy_start = asyncio.create_task(start_lazy_pages(
+                self.ctx.runc.criu or "criu", restore.image_dir, self.dir / "criu-work",
+                verbose=restore.on_lazy_log is not None))
         try:
             self.netns = await loop.run_in_executor(
                 None, lambda: self.ctx.network.acquire(network=self.cfg.network))
@@ -181,16 +186,17 @@ class Container:
             spec = self._spec(plan.merged)
             (self.dir / "config.json").write_text(json.dumps(bundle.build_config(spec)))
             t = self.spans.add("rootfs", t)
-            if restore is not None and restore.lazy:
-                self._lazy_daemon = await start_lazy_pages(
-                    self.ctx.runc.criu or "criu", restore.image_dir, self.dir / "criu-work",
-                    verbose=restore.on_lazy_log is not None)
-                t = self.spans.add("lazy_daemon", t)
+            if lazy_start is not None:
+                self._lazy_daemon = await lazy_start
+                lazy_start = None
+                t = self.spans.add("lazy_daemon", t)     # the part the setup did not hide
             await self._spawn(restore)
             self.spans.add(("criu_restore" if self._direct else "runc_restore") if restore
                            else "runc_run", t)
             self._to(State.STARTING)
         except BaseException:
+            if lazy_start is not None:
+                lazy_start.cancel()                  # (it kills its daemon when cancelled)
             await self.destroy()
             raise
 
@@ -549,12 +555,15 @@ async def start_lazy_pages(criu: str, image_dir: Path, work: Path, *, verbose: b
     except OSError:
         pass
     deadline = time.monotonic() + timeout
-    while not sock.exists():
-        if proc.returncode is not None or time.monotonic() > deadline:
-            if proc.returncode is None:
-                proc.kill()
-            raise RuntimeError(f"criu lazy-pages did not start (see {work}/lazy-pages.log)")
-        await asyncio.sleep(0.001)
+    try:
+        while not sock.exists():
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"criu lazy-pages did not start (see {work}/lazy-pages.log)")
+            await asyncio.sleep(0.001)
+    except BaseException:                    # failed, or the restore was abandoned
+        if proc.returncode is None:
+            proc.kill()
+        raise
     return proc
 
 
