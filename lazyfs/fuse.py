@@ -75,7 +75,10 @@ class LazyOperations(pyfuse3.Operations):
             return self._attr(self._node(self.parent.get(parent_inode, ROOT_INO)))
         node = self.view.lookup(parent_inode, os.fsdecode(name))
         if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            # a negative entry the kernel keeps (inode 0): imports probe many absent names
+            a = pyfuse3.EntryAttributes()
+            a.st_ino, a.entry_timeout = 0, TIMEOUT
+            return a
         return self._attr(node)
 
     async def getattr(self, inode, ctx=None):
@@ -146,18 +149,20 @@ class LazyOperations(pyfuse3.Operations):
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}-{threading.get_native_id()}")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, path)
 
 
 def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch: bool = True,
           fetch_all: bool = False, status_path: str | None = None, allow_other: bool = True,
-          on_mounted: Callable[[], None] | None = None) -> None:
+          workset_dir: str | None = None, on_mounted: Callable[[], None] | None = None) -> None:
     """Mount `view` at `mountpoint` and serve until unmounted or SIGTERM/SIGINT.
 
-    Blocks. `status_path` gets a JSON status (source bytes, cache hits, errors, prefetch)
-    twice a second while anything changes, and the access recorder is flushed alike.
+    Blocks. With `workset_dir`, a complete prefetch is followed by writing the prioritized
+    files there as real files (see lazyfs.workset). `status_path` gets a JSON status
+    (source bytes, cache hits, errors, prefetch, working set) twice a second while anything
+    changes, and the access recorder is flushed alike.
     """
     ops = LazyOperations(view)
     options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=lazyfs"}
@@ -193,8 +198,13 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
             n.start_soon(on_signals)
             n.start_soon(housekeeping)
             if prefetch or fetch_all:
-                n.start_soon(lambda: trio.to_thread.run_sync(
-                    lambda: view.prefetch(stop, everything=fetch_all), abandon_on_cancel=True))
+                def prefetch_then_workset() -> None:
+                    view.prefetch(stop, everything=fetch_all)
+                    if workset_dir and not stop.is_set():
+                        view.write_workset(workset_dir)
+                    housekeeping_once()      # the node waits for this status
+                n.start_soon(lambda: trio.to_thread.run_sync(prefetch_then_workset,
+                                                             abandon_on_cancel=True))
             if on_mounted is not None:
                 on_mounted()
             await pyfuse3.main()

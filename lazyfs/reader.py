@@ -184,20 +184,23 @@ def extract(blob: EStargz, dest: Path) -> int:
             os.mknod(path, stat.S_IFCHR | 0o600, 0)
         elif stat.S_ISFIFO(node.mode):
             os.mkfifo(path, 0o600)
-        _apply(path, node, owner)
+        apply_attrs(path, node, owner)
     for path, node in reversed(dirs):
-        _apply(path, node, owner)
+        apply_attrs(path, node, owner)
     return len(tree.paths) - 1
 
 
-def _apply(path: str, node: Node, owner: bool) -> None:
+def apply_attrs(path: str, node: Node, owner: bool, *, overlay_xattrs: bool = True) -> None:
+    """Give `path` the owner (when `owner`), mode, xattrs and mtime of `node`;
+    `overlay_xattrs=False` leaves out trusted.overlay.* (opaque markers)."""
     # chown clears setuid bits and security.capability: owner, then mode, then xattrs
     if owner:
         os.chown(path, node.uid, node.gid, follow_symlinks=False)
     if not stat.S_ISLNK(node.mode):
         os.chmod(path, stat.S_IMODE(node.mode))
     for k, v in node.xattrs:
-        os.setxattr(path, k, v, follow_symlinks=False)
+        if overlay_xattrs or not k.startswith("trusted.overlay."):
+            os.setxattr(path, k, v, follow_symlinks=False)
     if node.mtime_ns:
         os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
 

@@ -26,6 +26,22 @@ IS_ROOT = os.geteuid() == 0
 MTIME = 1_700_000_000
 
 
+def fuse_skip_reason() -> str | None:
+    """Why FUSE + overlay tests cannot run here (None: they can)."""
+    import shutil
+    if os.geteuid() != 0:
+        return "lazyfs FUSE tests need root (mount, allow_other, overlayfs)"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (apt-get install fuse3)"
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError:
+        return "pyfuse3 is not installed in this venv (pip install pyfuse3)"
+    return None
+
+
 def make_layer(root: Path, *, big: int = 300_000, seed: int = 7) -> Path:
     """An overlay upper dir exercising every entry kind the format must keep.
 

@@ -63,7 +63,8 @@ class Recorder:
             doc = {"version": 1, "layer": self.layer, "opened": list(self._opened),
                    "read": list(self._read)}
             self._dirty = False
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        tmp = self.path.with_name(self.path.name +
+                                  f".tmp-{os.getpid()}-{threading.get_native_id()}")
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, self.path)
         return True
@@ -85,6 +86,7 @@ class _Counters:
     read_errors: int = 0
     last_error: str = ""
     prefetch_state: str = "idle"
+    workset: dict | None = None
 
 
 class LayerView:
@@ -136,6 +138,12 @@ class LayerView:
                 self.counters.last_error = f"read {node.name!r}: {e}"
             raise
         return b"".join(out)
+
+    def file_chunks(self, node: Node):
+        """A regular file's verified bytes, chunk by chunk, through the cache (not recorded
+        as an access: the working-set writer reads with this)."""
+        for c in node.chunks:
+            yield self._chunk_range(c, 0, c.size)
 
     def _chunk_range(self, c: Chunk, lo: int, hi: int) -> bytes:
         data = self.cache.read(c.digest, lo, hi - lo)
@@ -260,11 +268,37 @@ class LayerView:
             pool.shutdown(wait=False)
         return stored
 
+    def write_workset(self, dest: str | os.PathLike) -> dict:
+        """After a complete prefetch: write the prioritized files as the local dir `dest`
+        (lazyfs.workset). Returns (and keeps for the status) what happened; never raises."""
+        from .workset import plan_workset, write_workset
+        plan = plan_workset(self.tree)
+        if plan.empty:
+            out = {"state": "none"}
+        elif self.counters.prefetch_state != "done":
+            out = {"state": "skipped", "reason": f"prefetch {self.counters.prefetch_state}"}
+        else:
+            try:
+                st = write_workset(self.tree, plan, self.file_chunks, dest)
+                out = {"state": "done", "dir": str(dest), "files": st.files,
+                       "symlinks": st.symlinks, "dirs": st.dirs, "bytes": st.bytes,
+                       "seconds": st.seconds}
+                log.info("working set: %d files (%.1f MiB) written to %s in %.2fs", st.files,
+                         st.bytes / 2**20, dest, st.seconds)
+            except (LazyFSError, OSError) as e:
+                out = {"state": f"failed: {type(e).__name__}: {e}"}
+                log.warning("working set dir %s not written: %s", dest, e)
+        with self._lock:
+            self.counters.workset = out
+        return out
+
     def status(self) -> dict:
         with self._lock:
             c = self.counters
             out = {"cache_hits": c.cache_hits, "fetched_chunks": c.fetched_chunks,
                    "prefetched_chunks": c.prefetched_chunks, "read_errors": c.read_errors,
                    "last_error": c.last_error, "prefetch": c.prefetch_state}
+            if c.workset is not None:
+                out["workset"] = dict(c.workset)
         out["source"] = {"describe": self.blob.source.describe(), **self.blob.source.stats()}
         return out

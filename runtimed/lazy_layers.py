@@ -5,7 +5,12 @@ The life of a layer this node lacks (see docs/design.md, "Lazy images"):
 1. mount   its eStargz from the dispatcher over FUSE (`lazyfs.mount_layer`) and use the
            mount as the overlay lower dir at once; the mount prefetches the blob's
            prioritized area (the recorded working set, if the blob has one) in few large
-           range reads and records which files the container opens;
+           range reads and records which files the container opens. When the blob has a
+           recorded working set, the mount server then writes those files as a local
+           directory that is stacked above the FUSE mount in the container's overlay
+           (`LayerStore.lower_dirs`, lazyfs/workset.py), so they are read from local disk
+           in the kernel, not through the FUSE server; with the `wait` policy (default)
+           the mount waits for that directory, so the first container gets it too;
 2. pull    the full tar.zst behind it. With the `defer` policy (default) the pull waits
            until the first call on the layer finished (bounded by PULL_DEFER_S), so it
            does not compete with that call's on-demand reads for the CPUs, and unpacks at
@@ -26,6 +31,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -38,6 +44,8 @@ from .layers import LayerStore
 log = logging.getLogger(__name__)
 
 PULL_POLICIES = ("defer", "now")
+WORKSET_POLICIES = ("wait", "nowait", "off")
+WORKSET_WAIT_S = 60.0                # the longest a mount waits for its working-set dir
 PULL_DEFER_S = 30.0                  # the longest a full pull waits for the first call
 PRUNE_INTERVAL_S = 30.0
 DEFAULT_CACHE_BUDGET_MB = 4096
@@ -69,6 +77,8 @@ class LazyLayers:
         policy = os.environ.get("RUNTIMED_LAZY_PULL", "defer")
         self.pull_policy = policy if policy in PULL_POLICIES else "defer"
         self.publish = os.environ.get("RUNTIMED_LAZY_PUBLISH", "1") != "0"
+        ws_policy = os.environ.get("RUNTIMED_LAZY_WORKSET", "wait")
+        self.workset = ws_policy if ws_policy in WORKSET_POLICIES else "wait"
         self.cache_budget = _env_int("RUNTIMED_LAZY_CACHE_MB", DEFAULT_CACHE_BUDGET_MB) << 20
         self.token: str | None = None
         self.cache_usage: dict | None = None
@@ -85,6 +95,33 @@ class LazyLayers:
         return (self.mount_dir / k, self.mount_dir / f"{k}.access.json",
                 self.mount_dir / f"{k}.status.json")
 
+    def _ws_dir(self, key: str) -> Path:
+        return self.mount_dir / f"{key[:16]}.ws"
+
+    def _drop_workset(self, key: str) -> None:
+        self.layers.workset.pop(key, None)
+        ws = self._ws_dir(key)
+        shutil.rmtree(ws, ignore_errors=True)
+        for tmp in ws.parent.glob(f".tmp-{ws.name}-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _wait_workset(h, ws: Path, timeout: float = WORKSET_WAIT_S) -> str:
+        """Block until the mount's working-set dir is complete or will not come (its
+        prefetch or write failed, the server exited, `timeout`); returns the outcome."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if ws.is_dir():
+                return "done"
+            state = (h.status().get("workset") or {}).get("state")
+            if state is not None and state != "done":
+                return state
+            if h.proc.poll() is not None:
+                return "server exited"
+            if time.monotonic() > deadline:
+                return "timeout"
+            time.sleep(0.01)
+
     async def mount(self, key: str, info: dict) -> bool:
         """Policy: a layer this node lacks is mounted lazily so the container starts now;
         the full layer is pulled behind it. False: pull it fully first."""
@@ -100,16 +137,27 @@ class LazyLayers:
             mp, record, status = self._paths(key)
             mp.mkdir(parents=True, exist_ok=True)
             status.unlink(missing_ok=True)         # an earlier mount's, not this one's
+            self._drop_workset(key)                # ... and so is a working-set dir left
+            ws = self._ws_dir(key)
+            use_ws = self.prefetch and self.workset != "off" and bool(info.get("prefetch_files"))
+            loop = asyncio.get_running_loop()
             try:
-                h = await asyncio.get_running_loop().run_in_executor(None, lambda: lazyfs.mount_layer(
+                h = await loop.run_in_executor(None, lambda: lazyfs.mount_layer(
                     mp, digest=info["estargz_digest"], dispatcher_url=self.blobs.base_url,
                     token=self.token, toc_digest=info.get("toc_digest"),
                     size=info.get("estargz_size"), cache_dir=str(self.cache_dir),
                     record_path=str(record), status_path=str(status),
-                    prefetch=self.prefetch))
+                    prefetch=self.prefetch, workset_dir=str(ws) if use_ws else None))
             except Exception as e:  # noqa: BLE001 - fall back to a full pull
                 log.warning("lazy mount of layer %s failed, pulling it fully: %s", key[:16], e)
                 return False
+            if use_ws:
+                self.layers.workset[key] = ws
+                if self.workset == "wait":
+                    t0 = time.perf_counter()
+                    outcome = await loop.run_in_executor(None, self._wait_workset, h, ws)
+                    log.info("layer %s: working-set dir %s after %.2fs", key[:16], outcome,
+                             time.perf_counter() - t0)
             self.layers.lazy[key] = h
             self._first_call[key] = asyncio.Event()
             self._gen[key] = gen = self._gen.get(key, 0) + 1
@@ -221,6 +269,7 @@ class LazyLayers:
         h = self.layers.lazy.pop(key, None)
         self._gen[key] = self._gen.get(key, 0) + 1     # its pull and publish stop
         self._first_call.pop(key, None)
+        self._drop_workset(key)
         if h is None:
             return
         from lazyfs.cache import ChunkCache
@@ -266,13 +315,13 @@ class LazyLayers:
                          bytes_fetched=(st.get("source") or {}).get("bytes_received"),
                          fetched_chunks=st.get("fetched_chunks"),
                          prefetched_chunks=st.get("prefetched_chunks"),
-                         prefetch=st.get("prefetch"))
+                         prefetch=st.get("prefetch"), workset=st.get("workset"))
             if k in self.published:
                 entry["published_prefetch_files"] = self.published[k]["prefetch_files"]
 
     def config(self) -> dict:
         return {"lazy_images": self.enabled, "lazy_prefetch": self.prefetch,
-                "lazy_pull": self.pull_policy, "lazy_publish": self.publish,
+                "lazy_workset": self.workset, "lazy_pull": self.pull_policy, "lazy_publish": self.publish,
                 "lazy_cache_mb": self.cache_budget >> 20}
 
     def configure(self, body: dict) -> dict:
@@ -280,6 +329,8 @@ class LazyLayers:
             self.enabled = bool(body["lazy_images"])
         if "lazy_prefetch" in body:
             self.prefetch = bool(body["lazy_prefetch"])
+        if body.get("lazy_workset") in WORKSET_POLICIES:
+            self.workset = body["lazy_workset"]
         if body.get("lazy_pull") in PULL_POLICIES:
             self.pull_policy = body["lazy_pull"]
         if "lazy_publish" in body:
@@ -298,4 +349,5 @@ class LazyLayers:
                 await loop.run_in_executor(None, h.unmount)
             except Exception as e:  # noqa: BLE001
                 log.warning("unmount of lazy layer %s: %s", key[:16], e)
+            self._drop_workset(key)
         self.layers.lazy.clear()

@@ -258,7 +258,7 @@ class Node:
         if eviction is not None and (eviction.preempted or eviction.reclaimed):
             await self._stop_gpu_holders(eviction, fn)
         cfg = ContainerConfig(
-            layers=tuple(self.layers.fs(k) for k in layer_keys(image)),
+            layers=tuple(d for k in layer_keys(image) for d in self.layers.lower_dirs(k)),
             env=tuple(sorted((image.get("env") or {}).items())) + tuple(
                 sorted((fn.get("env") or {}).items())),
             workdir=image.get("workdir") or "/",

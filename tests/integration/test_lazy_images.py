@@ -158,6 +158,12 @@ def test_recorded_prefetch_is_published_and_prefetched_by_later_mounts(runtime):
         assert entry["bytes_fetched"] < 10_000_000, entry       # not the 20 MB file
         # the small file came with the prefetch, not by its own range read
         assert entry["fetched_chunks"] <= entry["prefetched_chunks"], entry
+        # ... and was written to the working-set dir stacked above the FUSE mount, which
+        # the mount waited for (lazy_workset=wait), so this container's overlay had it
+        assert (entry.get("workset") or {}).get("state") == "done", entry
+        ws = runtime.node_dir / "lz" / f"{key[:16]}.ws"
+        assert (ws / "data/small.txt").read_text() == f"small-{RUN}\n"
+        assert not (ws / "data/big.bin").exists()
 
 
 def test_dispatcher_refuses_an_estargz_with_other_files(runtime, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import threading
@@ -15,22 +14,7 @@ import pytest
 
 from lazyfs import MountError, MountSpec, SourceSpec, mount, write_layer
 from lazyfs.mount import is_mounted
-from lazyfs.testing import make_layer, snapshot
-
-
-def fuse_skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "lazyfs FUSE tests need root (mount, allow_other, overlayfs)"
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse is missing"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (apt-get install fuse3)"
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError:
-        return "pyfuse3 is not installed in this venv (pip install pyfuse3)"
-    return None
-
+from lazyfs.testing import fuse_skip_reason, make_layer, snapshot
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(fuse_skip_reason() is not None, reason=str(fuse_skip_reason()))]

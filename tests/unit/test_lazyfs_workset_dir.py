@@ -1,0 +1,100 @@
+"""Working-set dirs (lazyfs.workset): what goes in, and hostile trees cannot write outside."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from lazyfs import FileBlobSource, UnsafeEntryError, open_estargz, write_layer
+from lazyfs.testing import make_layer
+from lazyfs.tree import Node, Tree
+from lazyfs.workset import WorksetPlan, plan_workset, write_workset
+
+
+def _tree(entries: dict[str, Node], prioritized: tuple[str, ...]) -> Tree:
+    nodes = {1: Node(ino=1, name="", mode=stat.S_IFDIR | 0o755)}
+    paths = {"": 1}
+    for name, node in entries.items():
+        nodes[node.ino] = node
+        paths[name] = node.ino
+    return Tree(nodes=nodes, paths=paths, prefetch_end=1, prioritized=prioritized)
+
+
+def _reg(ino: int, name: str, data: bytes = b"x") -> Node:
+    return Node(ino=ino, name=name, mode=stat.S_IFREG | 0o644, size=len(data))
+
+
+def _read(node: Node):
+    yield b"x" * node.size
+
+
+def test_plan_takes_hard_links_symlinks_and_parent_dirs(tmp_path: Path):
+    layer = make_layer(tmp_path / "layer")
+    blob = write_layer(layer, tmp_path / "l.esgz", prioritized=["etc/hello.txt", "bin/tool"])
+    src = FileBlobSource(str(blob.path))
+    try:
+        plan = plan_workset(open_estargz(src).tree)
+    finally:
+        src.close()
+    assert plan.files == ("bin/tool", "etc/hello.txt", "usr/lib/hello-link")
+    assert plan.symlinks == ("usr/abs-link", "usr/rel-link")
+    assert plan.dirs == ("bin", "etc", "usr", "usr/lib")
+
+
+def test_no_prioritized_area_plans_nothing():
+    assert plan_workset(_tree({"a": _reg(2, "a")}, ())).empty
+
+
+@pytest.mark.parametrize("bad", ["../evil", "a/../../evil", "/abs/evil", "./a"])
+def test_hostile_names_write_nothing_outside(tmp_path: Path, bad: str):
+    tree = _tree({bad: _reg(2, bad)}, (bad,))
+    dest = tmp_path / "inner" / "ws"
+    dest.parent.mkdir()
+    with pytest.raises(UnsafeEntryError):
+        write_workset(tree, WorksetPlan(dirs=(), files=(bad,), symlinks=()), _read, dest)
+    assert sorted(os.listdir(tmp_path)) == ["inner"]
+    assert os.listdir(dest.parent) == []            # temp dir removed, nothing renamed in
+
+
+def test_a_path_through_a_symlink_is_refused(tmp_path: Path):
+    # "d" is a symlink to "/": "d/x" must not be written through it
+    tree = _tree({"d": Node(ino=2, name="d", mode=stat.S_IFLNK | 0o777, link_target="/tmp"),
+                  "d/x": _reg(3, "d/x")}, ("d/x",))
+    with pytest.raises(UnsafeEntryError):
+        write_workset(tree, WorksetPlan(dirs=("d",), files=("d/x",), symlinks=()), _read,
+                      tmp_path / "ws")
+    with pytest.raises(UnsafeEntryError):      # nor when the plan forgets the parent dir
+        write_workset(tree, WorksetPlan(dirs=(), files=("d/x",), symlinks=()), _read,
+                      tmp_path / "ws")
+    assert os.listdir(tmp_path) == []
+
+
+def test_written_atomically_and_never_over_an_existing_dir(tmp_path: Path):
+    tree = _tree({"a": Node(ino=2, name="a", mode=stat.S_IFDIR | 0o750),
+                  "a/f": _reg(3, "a/f", b"abc")}, ("a/f",))
+    dest = tmp_path / "ws"
+    st = write_workset(tree, plan_workset(tree), _read, dest)
+    assert (st.files, st.dirs, st.bytes) == (1, 1, 3)
+    assert (dest / "a/f").read_bytes() == b"xxx"
+    assert stat.S_IMODE(os.stat(dest / "a").st_mode) == 0o750
+    assert os.listdir(tmp_path) == ["ws"]
+    with pytest.raises(FileExistsError):
+        write_workset(tree, plan_workset(tree), _read, dest)
+
+
+def test_layer_store_stacks_a_complete_working_set_above_the_lazy_mount(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from runtimed.layers import LayerStore
+    store = LayerStore(tmp_path / "l", tmp_path / "base")
+    key = "ab" * 32
+    store.lazy[key] = SimpleNamespace(mountpoint=str(tmp_path / "mnt"))
+    store.workset[key] = ws = tmp_path / "ws"
+    assert store.lower_dirs(key) == [tmp_path / "mnt"]          # not complete (not renamed in)
+    ws.mkdir()
+    assert store.lower_dirs(key) == [tmp_path / "mnt", ws]      # bottom-up: ws above FUSE
+    (store.path(key) / "fs").mkdir(parents=True)
+    (store.path(key) / ".rtd-complete").touch()
+    assert store.lower_dirs(key) == [store.path(key) / "fs"]    # local now: neither
