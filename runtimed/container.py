@@ -139,6 +139,7 @@ class Container:
         self._lazy_daemon: asyncio.subprocess.Process | None = None
         self._lazy_watch: asyncio.Task | None = None
         self._direct = False                 # restored by CRIU directly: runc does not know it
+        self._criu_exit: asyncio.Task | None = None   # that CRIU, maybe still finishing
         self.on_destroy: list[Callable[[], Awaitable[None]]] = []   # e.g. release memory
 
     # -- state ---------------------------------------------------------------------------
@@ -234,8 +235,11 @@ class Container:
                     plan = criu_restore.plan(json.loads((self.dir / "config.json").read_text()),
                                              restore.image_dir, work, self.dir / "pid",
                                              lazy=restore.lazy)
-                    await criu_restore.restore(self.ctx.runc.criu or "criu", plan, in_r, out_w,
-                                               err_w, env=self.ctx.runc.restore_env)
+                    handle = await criu_restore.restore(self.ctx.runc.criu or "criu", plan,
+                                                        in_r, out_w, err_w,
+                                                        env=self.ctx.runc.restore_env)
+                    self._criu_exit = handle.exited
+                    handle.exited.add_done_callback(self._criu_exited)
                 else:
                     await self.ctx.runc.restore_detached(self.id, self.dir, restore.image_dir,
                                                          work, in_r, out_w, err_w,
@@ -442,7 +446,7 @@ class Container:
         await self.attach_gpus()
         await self._send("resume", seed=_seed(), env=self._identity())
         try:
-            frame = await self._reply(timeout)
+            frame = await self._reply_unless_criu_fails(timeout)
         except asyncio.TimeoutError:
             await self.kill()
             raise FunctionTimeoutError(f"the restored container did not resume in {timeout:.0f} s")
@@ -452,6 +456,25 @@ class Container:
             raise RemoteInitError(frame)
         self._to(State.IDLE)
         return frame.header
+
+    def _criu_exited(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None and self.state is not State.DEAD:
+            log.warning("%s: CRIU failed after handing over: %s", self.id, task.exception())
+
+    async def _reply_unless_criu_fails(self, timeout: float) -> protocol.Frame:
+        """The agent's reply to resume, or CRIU's failure if it fails first (a direct
+        restore hands over before CRIU has exited: criu_restore.restore)."""
+        criu = self._criu_exit
+        if criu is None or criu.done():
+            if criu is not None:
+                criu.result()
+            return await self._reply(timeout)
+        reply = asyncio.create_task(self._reply(timeout))
+        await asyncio.wait({reply, criu}, return_when=asyncio.FIRST_COMPLETED)
+        if criu.done() and criu.exception() is not None:
+            reply.cancel()
+            raise criu.exception()
+        return await reply
 
     async def call(self, call_id: str, args_blob: bytes, *, method: str | None = None,
                    timeout: float | None = None, sink: LogSink | None = None,
@@ -504,6 +527,8 @@ class Container:
             await asyncio.get_running_loop().run_in_executor(None, self._reap)
         for task in self._tasks:
             task.cancel()
+        if self._criu_exit is not None and not self._criu_exit.done():
+            await asyncio.wait([self._criu_exit], timeout=10)
         if self._lazy_daemon is not None and self._lazy_daemon.returncode is None:
             self._lazy_daemon.kill()
             await self._lazy_daemon.wait()

@@ -40,7 +40,7 @@ class NetnsHandle:
 class NetworkManager:
     """Allocates addresses and creates/destroys per-container network namespaces."""
 
-    def __init__(self, owner: str = "node", pool_size: int = 2) -> None:
+    def __init__(self, owner: str = "node", pool_size: int = 3) -> None:
         self._lock = threading.Lock()
         self._used: set[int] = set()
         self._next = 2 + secrets.randbelow(SUBNET.num_addresses - 4)
