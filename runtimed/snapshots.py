@@ -257,7 +257,8 @@ class SnapshotManager:
         if not ws or not ws["pages"]:
             return
         marker = hot / ".working-set"
-        tag = f"{ws['recordings']}:{len(ws['pages'])}"
+        cluster = int(os.environ.get("RUNTIMED_WS_CLUSTER_PAGES") or workingset.CLUSTER_PAGES)
+        tag = f"{ws['recordings']}:{len(ws['pages'])}:{cluster}"
         if marker.exists() and marker.read_text() == tag:
             return
         d = self._ws_dir(snapshot_id)
@@ -267,7 +268,7 @@ class SnapshotManager:
             if not marker.exists() or not orig.exists():
                 shutil.copyfile(pm, orig)        # the hot copy still holds CRIU's original
             prefix, head, entries = workingset.read_pagemap(orig.read_bytes())
-            new, eager = workingset.mark_eager(entries, pages)
+            new, eager = workingset.mark_eager(entries, pages, cluster)
             tmp = pm.with_name(pm.name + ".tmp")
             tmp.write_bytes(workingset.write_pagemap(prefix, head, new))
             os.replace(tmp, pm)                   # restores reading it see old or new, whole
