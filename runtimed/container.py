@@ -249,6 +249,10 @@ class Container:
                 if self._lazy_daemon is not None and restore.on_lazy_log is not None:
                     self._lazy_watch = asyncio.create_task(self._harvest_lazy_log(
                         self._lazy_daemon, work / "lazy-pages.log", restore.on_lazy_log))
+        except BaseException:
+            for fd in (in_w, out_r, err_r):       # our ends: nobody will read or write them
+                os.close(fd)
+            raise
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
