@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,8 +325,12 @@ class SnapshotManager:
                     None, lambda: client.request("GET", f"/v1/snapshots/by-key/{_q(key)}",
                                                  retries=1))
 
-                def fetch(sha: str) -> bytes:
-                    return client.request("GET", f"/v1/chunks/{sha}", retries=2)
+                local = threading.local()      # transfer.pull fetches from several threads
+
+                def fetch(sha: str, url: str = url) -> bytes:
+                    if not hasattr(local, "client"):
+                        local.client = Client(url, token)
+                    return local.client.request("GET", f"/v1/chunks/{sha}", retries=2)
                 m, stats = await asyncio.get_running_loop().run_in_executor(
                     None, lambda: transfer.pull(self.store, raw, fetch))
                 self._keys_cache = None

@@ -436,3 +436,40 @@ def test_current_fingerprint_reads_flags(tmp_path: Path):
     assert fp.kernel == os.uname().release and fp.arch == os.uname().machine
     assert current_fingerprint("3.19", "1.1.12").incompatibility(
         current_fingerprint("3.19", "1.1.12")) is None
+
+
+# ---- pulling from a peer (snapshot/transfer.py) ----
+def test_pull_fetches_missing_chunks_concurrently_and_verifies_them(store, image_dir, tmp_path):
+    from snapshot import transfer
+    src = store
+    m = src.put(image_dir, "key-pull", "img", "fn", FP, {})
+    dst = SnapshotStore(tmp_path / "dst")
+    seen, lock = [], threading.Lock()
+
+    def fetch(sha):
+        with lock:
+            seen.append(sha)
+        return transfer.chunk_blob(src, sha)
+
+    got, stats = transfer.pull(dst, m.to_json(), fetch, workers=4)
+    assert got.snapshot_id == m.snapshot_id and stats.chunks_fetched == len(set(seen)) == len(seen)
+    out = tmp_path / "out"
+    dst.materialize(m.snapshot_id, out)
+    assert (out / "pages-1.img").read_bytes() == (image_dir / "pages-1.img").read_bytes()
+    again, stats2 = transfer.pull(dst, m.to_json(), fetch)          # already there
+    assert stats2.chunks_fetched == 0
+
+
+def test_pull_of_a_corrupt_chunk_fails_and_leaves_no_snapshot(store, image_dir, tmp_path):
+    from snapshot import transfer
+    m = store.put(image_dir, "key-bad", "img", "fn", FP, {})
+    dst = SnapshotStore(tmp_path / "dst")
+    victim = next(iter(m.chunk_refs())).sha256
+
+    def fetch(sha):
+        blob = transfer.chunk_blob(store, sha)
+        return blob[:-8] + b"\\0" * 8 if sha == victim else blob
+
+    with pytest.raises(SnapshotCorruptError, match="from the peer is corrupt"):
+        transfer.pull(dst, m.to_json(), fetch, workers=4)
+    assert dst.list() == []
