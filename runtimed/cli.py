@@ -445,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     except Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:           # `runtimectl ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
