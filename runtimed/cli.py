@@ -290,7 +290,7 @@ def cmd_snapshot(a) -> int:
     if a.action in ("inspect", "rm", "verify", "export") and not a.id:
         raise Error(f"snapshot {a.action} needs a snapshot id")
     if a.action == "inspect":
-        print(json.dumps(node.json("GET", f"/v1/snapshots/{a.id}"), indent=2)[:20000])
+        print(json.dumps(node.json("GET", f"/v1/snapshots/{a.id}"), indent=2))
     elif a.action == "rm":
         print(node.json("DELETE", f"/v1/snapshots/{a.id}"))
     elif a.action == "verify":
