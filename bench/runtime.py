@@ -130,13 +130,17 @@ class Runtime:
         return sorted(out, key=lambda s: s.get("created_at", 0), reverse=True)
 
     def evict_layers(self, keys: list[str], lazy_images: bool,
-                     only: list[str] | None = None, lazy_prefetch: bool = True) -> None:
+                     only: list[str] | None = None, lazy_prefetch: bool = True,
+                     lazy_workset: str = "wait") -> None:
         """Make every node (or those in `only`) forget these layers and their cached
         chunks (a node with an empty image cache) and choose lazy mounts (prefetching the
-        blob's recorded working set or not) or full pulls for the next start."""
+        blob's recorded working set or not; `lazy_workset`: whether that working set is
+        also written as a local dir stacked above the FUSE mount, waited for or not) or
+        full pulls for the next start."""
         for _node, nc in self.node_clients(only):
             nc.json("POST", "/v1/config", {"lazy_images": lazy_images,
-                                           "lazy_prefetch": lazy_prefetch})
+                                           "lazy_prefetch": lazy_prefetch,
+                                           "lazy_workset": lazy_workset})
             for k in keys:
                 nc.json("POST", f"/v1/layers/{k}/evict", {})
 

@@ -217,11 +217,11 @@ def _layer_keys(fn: Function) -> list[str]:
 
 
 def _empty_image_cache(ctx: Ctx, fn: Function, args: tuple, lazy: bool,
-                       prefetch: bool = False) -> dict:
+                       prefetch: bool = False, workset: str = "wait") -> dict:
     drain(ctx, fn, args)
     keys = _layer_keys(fn)
     ctx.rt.evict_layers(keys, lazy_images=lazy, only=[ctx.home] if ctx.home else None,
-                        lazy_prefetch=prefetch)
+                        lazy_prefetch=prefetch, lazy_workset=workset)
     return {"evicted_layers": len(keys)}
 
 
@@ -231,6 +231,14 @@ def empty_cache_lazy(ctx: Ctx, fn: Function, args: tuple) -> dict:
 
 def empty_cache_lazy_prefetch(ctx: Ctx, fn: Function, args: tuple) -> dict:
     return _empty_image_cache(ctx, fn, args, True, prefetch=True)
+
+
+def empty_cache_lazy_prefetch_nowait(ctx: Ctx, fn: Function, args: tuple) -> dict:
+    return _empty_image_cache(ctx, fn, args, True, prefetch=True, workset="nowait")
+
+
+def empty_cache_lazy_prefetch_fuse(ctx: Ctx, fn: Function, args: tuple) -> dict:
+    return _empty_image_cache(ctx, fn, args, True, prefetch=True, workset="off")
 
 
 def _published(ctx: Ctx, keys: list[str]) -> dict[str, int]:
@@ -272,6 +280,13 @@ def lazy_fetched(ctx: Ctx, fn: Function, prep: dict) -> dict:
                 out["lazy_bytes_fetched"] += li.get("bytes_fetched") or 0
                 out["lazy_fetched_chunks"] += li.get("fetched_chunks") or 0
                 out["lazy_prefetched_chunks"] += li.get("prefetched_chunks") or 0
+                ws = li.get("workset") or {}
+                if ws.get("state") == "done":
+                    out["workset_files"] = out.get("workset_files", 0) + ws["files"]
+                    out["workset_bytes"] = out.get("workset_bytes", 0) + ws["bytes"]
+                    out["workset_write_s"] = out.get("workset_write_s", 0) + ws["seconds"]
+                elif ws:
+                    out["workset_state"] = ws.get("state")
     return out
 
 
@@ -321,7 +336,17 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              variant="plain", expect=("cold",), prepare=empty_cache_lazy, after=lazy_fetched),
     Strategy("lazy_prefetch", "lazy_image, with the layer's eStargz republished after an "
              "earlier lazy start with the files it opened first: the mount prefetches that "
-             "working set in large range reads",
+             "working set in large range reads and writes it as a local dir stacked above "
+             "the FUSE mount, which the start waits for (lazy_workset=wait)",
              variant="plain", expect=("cold",), setup=record_working_set,
              prepare=empty_cache_lazy_prefetch, after=lazy_fetched),
+    Strategy("lazy_prefetch_nowait", "lazy_prefetch, but the container starts as soon as "
+             "the FUSE mount is up, without waiting for the working-set dir (it gets FUSE "
+             "only; later containers get the dir)",
+             variant="plain", expect=("cold",), setup=record_working_set,
+             prepare=empty_cache_lazy_prefetch_nowait, after=lazy_fetched),
+    Strategy("lazy_prefetch_fuse", "lazy_prefetch with every read through the FUSE server "
+             "(no working-set dir: lazy_workset=off, as before)",
+             variant="plain", expect=("cold",), setup=record_working_set,
+             prepare=empty_cache_lazy_prefetch_fuse, after=lazy_fetched),
 ]}

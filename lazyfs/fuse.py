@@ -198,13 +198,13 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
             n.start_soon(on_signals)
             n.start_soon(housekeeping)
             if prefetch or fetch_all:
-                def prefetch_then_workset() -> None:
-                    view.prefetch(stop, everything=fetch_all)
-                    if workset_dir and not stop.is_set():
-                        view.write_workset(workset_dir)
-                    housekeeping_once()      # the node waits for this status
-                n.start_soon(lambda: trio.to_thread.run_sync(prefetch_then_workset,
-                                                             abandon_on_cancel=True))
+                def run_prefetch() -> None:
+                    if workset_dir and not fetch_all:
+                        view.prefetch_workset(workset_dir, stop)
+                        housekeeping_once()      # the node waits for this status
+                    else:
+                        view.prefetch(stop, everything=fetch_all)
+                n.start_soon(lambda: trio.to_thread.run_sync(run_prefetch, abandon_on_cancel=True))
             if on_mounted is not None:
                 on_mounted()
             await pyfuse3.main()

@@ -194,14 +194,16 @@ class LayerView:
 
     # -- prefetch ------------------------------------------------------------------------
     def prefetch(self, stop: threading.Event | None = None, *, everything: bool = False,
-                 on_progress: Callable[[], None] | None = None) -> int:
+                 on_progress: Callable[[], None] | None = None,
+                 on_chunk: Callable[[Chunk, bytes], object] | None = None) -> int:
         """Fetch the prioritized area (all chunks if `everything`) in few large ranges.
 
         The first range is small (FIRST_PREFETCH_REQUEST) and each next one twice as large,
         up to MAX_PREFETCH_REQUEST, so the files needed first arrive first; the next range
         is downloaded while the current one is decoded, and each chunk is handed to the
         readers waiting for it as soon as it is stored. Returns the number of chunks
-        stored. Errors end the prefetch (reads still fetch on demand) and are logged; this
+        stored; `on_chunk(chunk, data)` is given each one as it is stored. Errors end the
+        prefetch (reads still fetch on demand) and are logged; this
         never raises LazyFSError.
         """
         limit = self.blob.toc_offset if everything else self.tree.prefetch_end
@@ -242,6 +244,8 @@ class LayerView:
                     for c in chunks:
                         data = decode_chunk(c, buf[c.offset - start: c.end - start])
                         self.cache.put(c.digest, data, verified=True)
+                        if on_chunk is not None:
+                            on_chunk(c, data)
                         stored += 1
                         ev = claimed.pop(c.digest, None)
                         if ev is not None:
@@ -268,23 +272,53 @@ class LayerView:
             pool.shutdown(wait=False)
         return stored
 
-    def write_workset(self, dest: str | os.PathLike) -> dict:
-        """After a complete prefetch: write the prioritized files as the local dir `dest`
-        (lazyfs.workset). Returns (and keeps for the status) what happened; never raises."""
-        from .workset import plan_workset, write_workset
+    def prefetch_workset(self, dest: str | os.PathLike,
+                         stop: threading.Event | None = None) -> dict:
+        """`prefetch`, writing the prioritized files as the local dir `dest` as they
+        arrive (lazyfs.workset), completed and renamed into place when the prefetch is.
+        Returns (and keeps for the status) what happened; never raises."""
+        from .workset import WorksetWriter, plan_workset
         plan = plan_workset(self.tree)
+        out: dict[str, object]
+        writer = None
+        if not plan.empty:
+            try:
+                writer = WorksetWriter(self.tree, plan, dest)
+            except (LazyFSError, OSError) as e:
+                log.warning("working set dir %s not written: %s", dest, e)
+                out = {"state": f"failed: {type(e).__name__}: {e}"}
+        # writes run beside the decoding (both mostly outside the GIL), one at a time
+        pool = ThreadPoolExecutor(1, thread_name_prefix="lazyfs-workset")
+        failed: list[BaseException] = []
+
+        def write(c: Chunk, data: bytes) -> None:
+            if failed or writer is None:
+                return
+            try:
+                writer.chunk(c, data)
+            except OSError as e:
+                failed.append(e)
+        try:
+            self.prefetch(stop, on_chunk=None if writer is None else
+                          lambda c, data: pool.submit(write, c, data))
+        finally:
+            pool.shutdown(wait=True)
         if plan.empty:
             out = {"state": "none"}
-        elif self.counters.prefetch_state != "done":
-            out = {"state": "skipped", "reason": f"prefetch {self.counters.prefetch_state}"}
+        elif writer is None:
+            pass
+        elif failed or self.counters.prefetch_state != "done":
+            writer.abort()
+            out = {"state": f"failed: {failed[0]}" if failed else "skipped",
+                   "reason": f"prefetch {self.counters.prefetch_state}"}
         else:
             try:
-                st = write_workset(self.tree, plan, self.file_chunks, dest)
+                st = writer.finish(lambda c: self._chunk_range(c, 0, c.size))
                 out = {"state": "done", "dir": str(dest), "files": st.files,
                        "symlinks": st.symlinks, "dirs": st.dirs, "bytes": st.bytes,
                        "seconds": st.seconds}
-                log.info("working set: %d files (%.1f MiB) written to %s in %.2fs", st.files,
-                         st.bytes / 2**20, dest, st.seconds)
+                log.info("working set: %d files (%.1f MiB) written to %s, %.2fs after the "
+                         "prefetch started", st.files, st.bytes / 2**20, dest, st.seconds)
             except (LazyFSError, OSError) as e:
                 out = {"state": f"failed: {type(e).__name__}: {e}"}
                 log.warning("working set dir %s not written: %s", dest, e)

@@ -15,8 +15,8 @@ paths, each as in the TOC, and never an overlay whiteout or opaque marker (an op
 in the ws dir would hide the FUSE layer's other entries; the FUSE layer keeps hiding what
 it hides below it).
 
-`plan_workset` is pure; `write_workset` writes into a temp dir next to the destination and
-renames it into place, so the ws dir exists only when complete: a node decides by its
+`plan_workset` is pure; `WorksetWriter` (fed by the prefetch as it decodes chunks) and
+`write_workset` write into a temp dir next to the destination and rename it into place, so the ws dir exists only when complete: a node decides by its
 existence whether a new container gets it. It refuses any name that is not a clean
 relative path (the TOC's names were already checked by build_tree; the check is repeated
 so a hand-made tree cannot escape), creates every parent itself and every file with
@@ -28,16 +28,16 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UnsafeEntryError
 from .reader import apply_attrs
 from .toc import clean_name
-from .tree import Node, Tree
+from .tree import Chunk, Tree
 
-__all__ = ["WorksetPlan", "WorksetStats", "plan_workset", "write_workset"]
+__all__ = ["WorksetPlan", "WorksetStats", "WorksetWriter", "plan_workset", "write_workset"]
 
 @dataclass(frozen=True)
 class WorksetPlan:
@@ -105,64 +105,120 @@ def _checked(name: str) -> str:
     return name
 
 
-def write_workset(tree: Tree, plan: WorksetPlan, read: Callable[[Node], Iterable[bytes]],
-                  dest: str | os.PathLike) -> WorksetStats:
-    """Write `plan` (from `plan_workset(tree)`) as the directory `dest`, which must not
-    exist; `read(node)` yields a regular file's verified bytes. Atomic: built in a temp dir
-    beside `dest`, renamed into place when complete; removed on any failure.
+class WorksetWriter:
+    """Builds the ws dir for `plan` in a temp dir beside `dest` (which must not exist).
+
+    Construction creates the directories, the (empty) regular files and the symlinks;
+    `chunk(c, data)` writes a verified chunk into every working-set file holding it, as the
+    prefetch decodes it (so the data is written once, straight from memory); `finish`
+    reads the chunks no `chunk` call brought (e.g. already in the chunk cache), gives every
+    entry its attributes and renames the dir into place; `abort` removes it. Not
+    thread-safe: one thread calls `chunk` at a time, `finish` after the last.
 
     Files are not fsynced: the ws dir is a cache a node rebuilds at every mount (it deletes
     a leftover before mounting), never the only copy of anything.
     """
-    t0 = time.monotonic()
-    dest = Path(dest)
-    if dest.exists():
-        raise FileExistsError(f"working set dir {dest} already exists")
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.mkdir(tmp, 0o700)
-    owner = os.geteuid() == 0
-    made: dict[int, str] = {}
-    nbytes = 0
-    try:
-        root = str(tmp)
+
+    def __init__(self, tree: Tree, plan: WorksetPlan, dest: str | os.PathLike):
+        self.t0 = time.monotonic()
+        self.tree, self.plan, self.dest = tree, plan, Path(dest)
+        if self.dest.exists():
+            raise FileExistsError(f"working set dir {self.dest} already exists")
+        self.tmp = self.dest.with_name(f".tmp-{self.dest.name}-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.mkdir(self.tmp, 0o700)
+        self.owner = os.geteuid() == 0
+        self.bytes = 0
+        self.first: dict[int, str] = {}                  # inode -> the path written
+        self.left: dict[int, set[int]] = {}              # inode -> file offsets still missing
+        self.by_digest: dict[str, list[tuple[int, Chunk]]] = {}
+        try:
+            self._create()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create(self) -> None:
+        root, tree = str(self.tmp), self.tree
         created = {""}
-        for name in plan.dirs:
+
+        def path_of(name: str) -> str:
             _checked(name)
             if name.rpartition("/")[0] not in created:
                 raise UnsafeEntryError(name, "its parent is not a directory of the working set")
+            return os.path.join(root, name)
+        for name in self.plan.dirs:
+            path = path_of(name)
             if not tree.nodes[tree.paths[name]].is_dir:
                 raise UnsafeEntryError(name, "is not a directory in the layer")
-            os.mkdir(os.path.join(root, name), 0o700)
+            os.mkdir(path, 0o700)
             created.add(name)
-        for name in plan.files + plan.symlinks:
-            _checked(name)
-            if name.rpartition("/")[0] not in created:
-                raise UnsafeEntryError(name, "its parent is not a directory of the working set")
+        for name in self.plan.files + self.plan.symlinks:
+            path = path_of(name)
             node = tree.nodes[tree.paths[name]]
-            path = os.path.join(root, name)
-            if node.ino in made:
-                os.link(made[node.ino], path, follow_symlinks=False)
-                continue
+            if node.ino in self.first:
+                continue                                 # other names: linked in finish
             if stat.S_ISLNK(node.mode):
                 os.symlink(node.link_target, path)
             elif node.is_reg:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    for piece in read(node):
-                        f.write(piece)
-                        nbytes += len(piece)
-                made[node.ino] = path
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                                 0o600))
+                self.left[node.ino] = {c.file_offset for c in node.chunks}
+                for c in node.chunks:
+                    self.by_digest.setdefault(c.digest, []).append((node.ino, c))
             else:
                 raise UnsafeEntryError(name, "only regular files and symlinks go to a working set")
-            apply_attrs(path, node, owner, overlay_xattrs=False)
-        # directories last and deepest first: creating their entries changed their mtimes
-        for name in (*reversed(plan.dirs), ""):
-            apply_attrs(os.path.join(root, name) if name else root,
-                        tree.nodes[tree.paths[name]], owner, overlay_xattrs=False)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return WorksetStats(files=len(plan.files), symlinks=len(plan.symlinks), dirs=len(plan.dirs),
-                        bytes=nbytes, seconds=round(time.monotonic() - t0, 3))
+            self.first[node.ino] = path
+
+    def _write(self, ino: int, c: Chunk, data: bytes) -> None:
+        fd = os.open(self.first[ino], os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            os.pwrite(fd, data, c.file_offset)
+        finally:
+            os.close(fd)
+        self.bytes += len(data)
+        self.left[ino].discard(c.file_offset)
+
+    def chunk(self, c: Chunk, data: bytes) -> None:
+        """Write the verified chunk `c` wherever the working set holds it."""
+        for ino, at in self.by_digest.get(c.digest, ()):
+            if at.file_offset in self.left[ino]:
+                self._write(ino, at, data)
+
+    def finish(self, read_chunk: Callable[[Chunk], bytes]) -> WorksetStats:
+        """Complete and publish the dir; `read_chunk` returns a missing chunk's verified
+        bytes. On failure the temp dir is removed and the error raised."""
+        try:
+            tree, root = self.tree, str(self.tmp)
+            for ino, offsets in self.left.items():
+                for c in tree.nodes[ino].chunks:
+                    if c.file_offset in offsets:
+                        self._write(ino, c, read_chunk(c))
+            for name in self.plan.files + self.plan.symlinks:
+                node = tree.nodes[tree.paths[name]]
+                path = os.path.join(root, name)
+                if self.first[node.ino] != path:
+                    os.link(self.first[node.ino], path, follow_symlinks=False)
+                else:
+                    apply_attrs(path, node, self.owner, overlay_xattrs=False)
+            # directories last and deepest first: creating their entries changed their mtimes
+            for name in (*reversed(self.plan.dirs), ""):
+                apply_attrs(os.path.join(root, name) if name else root,
+                            tree.nodes[tree.paths[name]], self.owner, overlay_xattrs=False)
+            os.rename(self.tmp, self.dest)
+        except BaseException:
+            self.abort()
+            raise
+        return WorksetStats(files=len(self.plan.files), symlinks=len(self.plan.symlinks),
+                            dirs=len(self.plan.dirs), bytes=self.bytes,
+                            seconds=round(time.monotonic() - self.t0, 3))
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_workset(tree: Tree, plan: WorksetPlan, read_chunk: Callable[[Chunk], bytes],
+                  dest: str | os.PathLike) -> WorksetStats:
+    """Write `plan` (from `plan_workset(tree)`) as the new directory `dest` at once, every
+    chunk from `read_chunk` (verified bytes); atomic, see WorksetWriter."""
+    return WorksetWriter(tree, plan, dest).finish(read_chunk)

@@ -9,8 +9,8 @@ import pytest
 
 from lazyfs import FileBlobSource, UnsafeEntryError, open_estargz, write_layer
 from lazyfs.testing import make_layer
-from lazyfs.tree import Node, Tree
-from lazyfs.workset import WorksetPlan, plan_workset, write_workset
+from lazyfs.tree import Chunk, Node, Tree
+from lazyfs.workset import WorksetPlan, WorksetWriter, plan_workset, write_workset
 
 
 def _tree(entries: dict[str, Node], prioritized: tuple[str, ...]) -> Tree:
@@ -23,11 +23,13 @@ def _tree(entries: dict[str, Node], prioritized: tuple[str, ...]) -> Tree:
 
 
 def _reg(ino: int, name: str, data: bytes = b"x") -> Node:
-    return Node(ino=ino, name=name, mode=stat.S_IFREG | 0o644, size=len(data))
+    chunk = Chunk(offset=0, end=1, inner_offset=0, file_offset=0, size=len(data),
+                  digest=f"sha256:{ino:064x}")
+    return Node(ino=ino, name=name, mode=stat.S_IFREG | 0o644, size=len(data), chunks=(chunk,))
 
 
-def _read(node: Node):
-    yield b"x" * node.size
+def _read(c: Chunk) -> bytes:
+    return b"x" * c.size
 
 
 def test_plan_takes_hard_links_symlinks_and_parent_dirs(tmp_path: Path):
@@ -82,6 +84,20 @@ def test_written_atomically_and_never_over_an_existing_dir(tmp_path: Path):
     assert os.listdir(tmp_path) == ["ws"]
     with pytest.raises(FileExistsError):
         write_workset(tree, plan_workset(tree), _read, dest)
+
+
+def test_streamed_chunks_are_written_once_and_the_rest_read_at_finish(tmp_path: Path):
+    a, b = _reg(2, "a", b"aaaa"), _reg(3, "b", b"bb")
+    tree = _tree({"a": a, "b": b}, ("a", "b"))
+    w = WorksetWriter(tree, plan_workset(tree), tmp_path / "ws")
+    assert not (tmp_path / "ws").exists()                # nothing visible before finish
+    w.chunk(a.chunks[0], b"AAAA")
+    w.chunk(Chunk(0, 1, 0, 0, 1, "sha256:" + "f" * 64), b"?")   # not in the working set
+    asked = []
+    st = w.finish(lambda c: asked.append(c.digest) or b"BB")
+    assert asked == [b.chunks[0].digest] and st.bytes == 6
+    assert (tmp_path / "ws/a").read_bytes() == b"AAAA"
+    assert (tmp_path / "ws/b").read_bytes() == b"BB"
 
 
 def test_layer_store_stacks_a_complete_working_set_above_the_lazy_mount(tmp_path: Path):
