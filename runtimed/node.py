@@ -40,6 +40,9 @@ from .warm_pool import FunctionPool, PoolPolicy, Work
 log = logging.getLogger(__name__)
 Emit = Callable[[dict], None]
 PR_SET_CHILD_SUBREAPER = 36
+# A cold start of a snapshot function waits this long for a snapshot of it that is still
+# being stored (then restores it) before it starts cold instead.
+SETTLE_WAIT_S = 2.0
 
 
 class Node:
@@ -122,6 +125,7 @@ class Node:
             log.info("cleaned up %d stale containers, %d netns", len(mine), n)
 
     async def shutdown(self) -> None:
+        await self.snapshots.settle(timeout=60)        # a dump being stored is not lost
         for pool in list(self.pools.values()):
             await pool.close()
         self.pools.clear()
@@ -346,7 +350,10 @@ class Node:
         """Restore the function's snapshot if this node has a usable one, else cold start
         (taking the snapshot at the snapshot point when the function asks for one)."""
         note = ""
+        storing = False
         if fn.get("snapshot"):
+            # A snapshot just taken may still be being stored: worth a short wait.
+            storing = not await self.snapshots.settle(fn["id"], timeout=SETTLE_WAIT_S)
             found = self.snapshots.lookup(fn["id"])
             if found.manifest is not None:
                 sid = found.manifest.snapshot_id
@@ -397,12 +404,15 @@ class Node:
                 note = (note + "; " if note else "") + f"no snapshot: {e}"
                 log.warning("snapshot of %s failed: %s", fn.get("name"), e)
 
+        if storing:
+            note = (note + "; " if note else "") + "its snapshot is still being stored"
+        snap = bool(fn.get("snapshot")) and not storing     # one snapshot at a time per key
         c = Container(cid or new_id("ctr", 6), self.ctx, cfg, function_key=fn["id"])
         try:
             await c.start()
             await c.init(blob_path.read_bytes(), timeout=float(fn.get("startup_timeout") or 300),
-                         snapshot=bool(fn.get("snapshot")), fork=bool(fn.get("fork")),
-                         on_snap_point=take_snapshot if fn.get("snapshot") else None)
+                         snapshot=snap, fork=bool(fn.get("fork")),
+                         on_snap_point=take_snapshot if snap else None)
         except BaseException:
             await c.destroy()
             raise
@@ -695,8 +705,9 @@ class SnapshotAdmin:
             c = self._container(target)
             if c.state.value != "idle":
                 raise InvalidError(f"container {target} is {c.state.value}; snapshot it when idle")
-            m = await self.mgr.take(c, f"{c.function_key}/{c.id}", "", c.function_key,
-                                    {"container_config": json.dumps(_cfg_wire(c.cfg))})
+            m = await (await self.mgr.take(c, f"{c.function_key}/{c.id}", "", c.function_key,
+                                           {"container_config": json.dumps(_cfg_wire(c.cfg))})
+                       ).stored()
             return {"snapshot_id": m.snapshot_id, "raw_size": m.raw_size,
                     "stored_size": m.stored_size, "meta": m.meta}
         if fn is None:
@@ -705,6 +716,7 @@ class SnapshotAdmin:
         c = await self.node._new_container(fn)
         note = c.snapshot_note
         await c.destroy()
+        await self.mgr.settle(fn["id"])
         found = self.mgr.lookup(fn["id"]).manifest
         if found is None:
             raise SnapshotError(f"no snapshot was taken: {note}")

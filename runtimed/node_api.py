@@ -100,14 +100,17 @@ def make_app(node: Node, token: str) -> web.Application:
     admin = SnapshotAdmin(node)
 
     async def snap_list(request: web.Request):
+        await node.snapshots.settle()      # a snapshot still being stored counts
         return web.json_response({"snapshots": node.snapshots.list(),
                                   "stats": node.snapshots.store.stats().__dict__})
 
     async def snap_get(request: web.Request):
+        await node.snapshots.settle()      # a snapshot still being stored counts
         m = node.snapshots.store.get(request.match_info["sid"])
         return web.Response(text=m.to_json(), content_type="application/json")
 
     async def snap_rm(request: web.Request):
+        await node.snapshots.settle()      # a snapshot still being stored counts
         sid = request.match_info["sid"]
         node.snapshots.store.get(sid)
         node.snapshots.store.remove(sid)
@@ -115,12 +118,14 @@ def make_app(node: Node, token: str) -> web.Application:
         return web.json_response({"removed": sid})
 
     async def snap_verify(request: web.Request):
+        await node.snapshots.settle()      # a snapshot still being stored counts
         sid = request.match_info["sid"]
         problems = await asyncio.get_running_loop().run_in_executor(
             None, node.snapshots.store.verify, sid)
         return web.json_response({"snapshot_id": sid, "ok": not problems, "problems": problems})
 
     async def snap_gc(request: web.Request):
+        await node.snapshots.settle()      # a snapshot still being stored counts
         body = await read_json(request)
         budget = body.get("budget_bytes")
         rep = await asyncio.get_running_loop().run_in_executor(
@@ -136,12 +141,14 @@ def make_app(node: Node, token: str) -> web.Application:
         return web.json_response(await admin.create(body.get("target", ""), body.get("function")))
 
     async def snap_restore(request: web.Request):
+        await node.snapshots.settle()      # a snapshot still being stored counts
         mode = (await read_json(request)).get("mode", "eager")
         if mode not in ("eager", "lazy"):
             raise InvalidError("mode must be 'eager' or 'lazy'")
         return web.json_response(await admin.restore(request.match_info["sid"], mode))
 
     async def snap_export(request: web.Request):
+        await node.snapshots.settle()      # a snapshot still being stored counts
         sid = request.match_info["sid"]
         out = node.snapshots.root / f"export-{sid}.tar"
         await asyncio.get_running_loop().run_in_executor(
@@ -183,6 +190,7 @@ def make_app(node: Node, token: str) -> web.Application:
     app.router.add_post("/v1/layers/{key}/evict", evict_layer)
     app.router.add_post("/v1/config", set_config)
     async def snap_by_key(request: web.Request):
+        await node.snapshots.settle()      # a snapshot still being stored counts
         m = node.snapshots.store.lookup(request.match_info["key"])
         if m is None:
             raise NotFoundError(f"no snapshot for {request.match_info['key']} on {node.node_id}")

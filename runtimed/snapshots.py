@@ -25,7 +25,7 @@ from pathlib import Path
 from sdk.exception import SnapshotError
 from snapshot.fingerprint import current_fingerprint
 from snapshot.guard import find_blockers, inet_sockets_dumpable, inspect_pids
-from snapshot.manifest import Fingerprint, SnapshotManifest
+from snapshot.manifest import Fingerprint, SnapshotManifest, new_snapshot_id
 from snapshot import transfer, workingset
 from snapshot.store import (SnapshotCorruptError, SnapshotIncompatible, SnapshotStore)
 from snapshot.transfer import PullStats
@@ -72,6 +72,21 @@ def _version(cmd: list[str]) -> str:
     return out.split("\n")[0].strip() or "unknown"
 
 
+@dataclass
+class PendingSnapshot:
+    """A dump whose store (chunks, manifest, hot copy) runs in the background."""
+
+    snapshot_id: str
+    task: "asyncio.Task[SnapshotManifest]"
+    key: str = ""
+
+    async def stored(self) -> SnapshotManifest:
+        try:
+            return await asyncio.shield(self.task)
+        except Exception as e:
+            raise SnapshotError(f"snapshot {self.snapshot_id} could not be stored: {e}") from e
+
+
 class SnapshotManager:
     def __init__(self, root: Path, runc: Runc, budget_bytes: int | None = None):
         self.root = root
@@ -85,6 +100,7 @@ class SnapshotManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._modes: dict[str, dict] = {}
         self._keys_cache: tuple[float, list[str]] | None = None
+        self._pending: dict[str, PendingSnapshot] = {}     # key -> dump being stored
 
     @property
     def fingerprint(self) -> Fingerprint:
@@ -102,8 +118,9 @@ class SnapshotManager:
 
     async def take(self, c: Container, key: str, image_id: str, function_id: str,
                    extra_meta: dict[str, str] | None = None,
-                   gpu: GpuTarget | None = None) -> SnapshotManifest:
-        """Checkpoint `c` (left running) and store it under `key`. Raises SnapshotError.
+                   gpu: GpuTarget | None = None) -> "PendingSnapshot":
+        """Checkpoint `c` (left running) and store it under `key` in the background (the
+        returned PendingSnapshot; `await p.stored()` for the manifest). Raises SnapshotError.
         `gpu` (the container's GPUs): processes holding a CUDA context are suspended with
         cuda-checkpoint around the dump where the node can; else the guard refuses."""
         loop = asyncio.get_running_loop()
@@ -125,6 +142,7 @@ class SnapshotManager:
         tmp = self.work / f"{c.id}-dump"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        handed_off = False
         try:
             t = time.perf_counter()
             try:
@@ -146,27 +164,61 @@ class SnapshotManager:
             t = time.perf_counter()
             await loop.run_in_executor(None, archive.pack_layer, c.dir / "upper", tmp / UPPER_FILE)
             timings["upper_ms"] = (time.perf_counter() - t) * 1000
-            t = time.perf_counter()
             meta = {k: f"{v:.1f}" for k, v in timings.items()}
             meta.update(extra_meta or {})
             meta.update(gpu_meta)
-            m = await loop.run_in_executor(None, lambda: self.store.put(
-                tmp, key, image_id, function_id, self.fingerprint, meta))
+            # The container resumes now: chunking, hashing and compressing the dump
+            # (0.1-2 s) go on in the background (settle() waits for them).
+            sid = new_snapshot_id()
+            pending = PendingSnapshot(sid, asyncio.create_task(
+                self._store(tmp, key, image_id, function_id, meta, c.id, sid)), key)
+            pending.task.add_done_callback(self._stored)
+            self._pending[key] = pending
+            handed_off = True
+            c.spans.items["checkpoint"] = round(sum(timings.values()), 3)
+            return pending
+        finally:
+            if not handed_off:
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(self.work / f"{c.id}-criu", ignore_errors=True)
+
+    async def _store(self, tmp: Path, key: str, image_id: str, function_id: str,
+                     meta: dict[str, str], cid: str, sid: str) -> SnapshotManifest:
+        try:
+            t = time.perf_counter()
+            m = await asyncio.get_running_loop().run_in_executor(None, lambda: self.store.put(
+                tmp, key, image_id, function_id, self.fingerprint, meta,
+                snapshot_id=sid))
             self._keys_cache = None
-            store_ms = (time.perf_counter() - t) * 1000
             # The dump dir becomes the hot copy: restores skip materializing it.
             hot = self.hot / m.snapshot_id
             shutil.rmtree(hot, ignore_errors=True)
             tmp.rename(hot)
-            log.info("snapshot %s of %s: %.0f MB raw, %.0f MB new in store; guard %.0f ms, "
-                     "dump %.0f ms, upper %.0f ms, store %.0f ms", m.snapshot_id, function_id,
-                     m.raw_size / 1e6, m.stored_size / 1e6, timings["guard_ms"],
-                     timings["dump_ms"], timings["upper_ms"], store_ms)
-            c.spans.items["checkpoint"] = round(sum(timings.values()) + store_ms, 3)
+            log.info("snapshot %s of %s: %.0f MB raw, %.0f MB new in store; %s; store %.0f ms",
+                     m.snapshot_id, function_id, m.raw_size / 1e6, m.stored_size / 1e6,
+                     ", ".join(f"{k} {v}" for k, v in meta.items() if k.endswith("_ms")),
+                     (time.perf_counter() - t) * 1000)
             return m
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(self.work / f"{c.id}-criu", ignore_errors=True)
+            shutil.rmtree(self.work / f"{cid}-criu", ignore_errors=True)
+
+    def _stored(self, task: asyncio.Task) -> None:
+        for key, p in list(self._pending.items()):
+            if p.task is task:
+                del self._pending[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a snapshot could not be stored: %s", task.exception())
+
+    async def settle(self, key: str | None = None, timeout: float = 60.0) -> bool:
+        """Wait for background stores (of `key`, or all); False if one is still running."""
+        tasks = [p.task for k, p in self._pending.items() if key is None or k == key]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        return all(t.done() for t in tasks)
+
+    def pending(self, key: str) -> "PendingSnapshot | None":
+        return self._pending.get(key)
 
     async def _suspend_cuda(self, c: Container, views: list, blockers: list[str],
                             gpu: GpuTarget | None, inet_ok: bool, timings: dict[str, float]

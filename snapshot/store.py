@@ -166,7 +166,8 @@ class SnapshotStore:
     # ---- writing ----
 
     def put(self, src_dir: Path, key: str, image_id: str, function_id: str,
-            fingerprint: Fingerprint, meta: dict[str, str] | None = None) -> SnapshotManifest:
+            fingerprint: Fingerprint, meta: dict[str, str] | None = None,
+            snapshot_id: str | None = None) -> SnapshotManifest:
         """Store every regular file and symlink below ``src_dir`` as a new snapshot
         and point ``key`` at it. Chunks go first, the manifest last (temp, fsync,
         rename, fsync dir): until that rename nothing is visible, and a crash
@@ -178,7 +179,7 @@ class SnapshotStore:
             for d in txn.dirs:  # chunk renames durable before the manifest names them
                 _fsync_dir(d)
             manifest = SnapshotManifest(
-                version=MANIFEST_VERSION, snapshot_id=new_snapshot_id(), key=key,
+                version=MANIFEST_VERSION, snapshot_id=snapshot_id or new_snapshot_id(), key=key,
                 image_id=image_id, function_id=function_id, created_at=self._clock(),
                 fingerprint=fingerprint, files=tuple(files),
                 raw_size=sum(f.size for f in files), stored_size=txn.new_bytes,
