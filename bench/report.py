@@ -48,7 +48,9 @@ def markdown(res: dict) -> str:
     if snaps:
         lines += ["", "Snapshots (taken by the first call of each `restore` cell, excluded "
                   "from its samples; new stored = bytes this snapshot added to the store after "
-                  "dedup against chunks already there, e.g. from earlier runs' snapshots):", "",
+                  "dedup against chunks already there, e.g. from earlier runs' snapshots; "
+                  "checkpoint ms = what the first call waited for: guard, CRIU dump and the "
+                  "upper dir; storing the dump runs in the background after it):", "",
                   "| workload | snapshot | first call ms | checkpoint ms | dump ms | raw MiB "
                   "| new stored MiB |", "|---|---|---|---|---|---|---|"]
         for r in snaps:
