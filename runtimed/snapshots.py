@@ -383,8 +383,16 @@ class SnapshotManager:
                     if not hasattr(local, "client"):
                         local.client = Client(url, token)
                     return local.client.request("GET", f"/v1/chunks/{sha}", retries=2)
+                hot = None
+                try:
+                    sid = json.loads(raw)["snapshot_id"]
+                    if not (self.hot / sid / "inventory.img").exists():
+                        shutil.rmtree(self.hot / sid, ignore_errors=True)
+                        hot = self.hot / sid          # restore right after: no 2nd pass
+                except (ValueError, KeyError, TypeError):
+                    pass
                 m, stats = await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: transfer.pull(self.store, raw, fetch))
+                    None, lambda: transfer.pull(self.store, raw, fetch, materialize_to=hot))
                 self._keys_cache = None
                 return m, stats, url
             except Exception as e:  # noqa: BLE001 - try the next peer

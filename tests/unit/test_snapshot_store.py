@@ -473,3 +473,41 @@ def test_pull_of_a_corrupt_chunk_fails_and_leaves_no_snapshot(store, image_dir, 
     with pytest.raises(SnapshotCorruptError, match="from the peer is corrupt"):
         transfer.pull(dst, m.to_json(), fetch, workers=4)
     assert dst.list() == []
+
+
+def test_pull_materializes_in_the_same_pass(store, image_dir, tmp_path):
+    """With materialize_to, the files are written from the fetched chunks (and the ones
+    the destination already had), identical to a materialize, holes included."""
+    from snapshot import transfer
+    m = store.put(image_dir, "key-mat", "img", "fn", FP, {})
+    dst = SnapshotStore(tmp_path / "dst")
+    # the destination already holds one snapshot sharing chunks with it
+    dst.put(make_dir(tmp_path / "other", {"pages-1.img": (image_dir / "pages-1.img").read_bytes()}),
+            "other", "img", "fn", FP)
+    out = tmp_path / "hot" / m.snapshot_id
+    got, stats = transfer.pull(dst, m.to_json(), lambda sha: transfer.chunk_blob(store, sha),
+                               materialize_to=out)
+    assert stats.chunks_reused > 0 and stats.chunks_fetched > 0
+    ref = tmp_path / "ref"
+    store.materialize(m.snapshot_id, ref)
+    for p in ref.rglob("*"):
+        q = out / p.relative_to(ref)
+        if p.is_symlink():
+            assert os.readlink(q) == os.readlink(p)
+        elif p.is_file():
+            assert q.read_bytes() == p.read_bytes() and q.stat().st_mode == p.stat().st_mode
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]   # no temp left
+
+
+def test_failed_pull_leaves_no_materialized_dir(store, image_dir, tmp_path):
+    from snapshot import transfer
+    m = store.put(image_dir, "key-mat2", "img", "fn", FP, {})
+    dst = SnapshotStore(tmp_path / "dst")
+    out = tmp_path / "hot" / m.snapshot_id
+
+    def fetch(sha):
+        raise OSError("peer went away")
+
+    with pytest.raises(OSError):
+        transfer.pull(dst, m.to_json(), fetch, materialize_to=out)
+    assert not out.exists() and list(out.parent.iterdir()) == []
