@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,7 +231,20 @@ class LayerView:
                 self._release(claimed)
                 raise
 
+        def store(c: Chunk, data: bytes, ev: threading.Event | None) -> None:
+            try:
+                self.cache.put(c.digest, data, verified=True)
+                if on_chunk is not None:
+                    on_chunk(c, data)
+            finally:
+                if ev is not None:
+                    self._release({c.digest: ev})
+
         pool = ThreadPoolExecutor(1, thread_name_prefix="lazyfs-prefetch")
+        # chunks are stored (cache file, on_chunk) by a second thread while this one
+        # decodes and verifies the next: both spend most of their time outside the GIL
+        storer = ThreadPoolExecutor(1, thread_name_prefix="lazyfs-store")
+        stores: list[Future] = []
         ahead = pool.submit(download, 0) if ranges else None
         try:
             for k, (chunks, start, _) in enumerate(ranges):
@@ -240,31 +253,34 @@ class LayerView:
                 ahead = None
                 if k + 1 < len(ranges) and not (stop is not None and stop.is_set()):
                     ahead = pool.submit(download, k + 1)
+                behind = len(stores)
                 try:
                     for c in chunks:
                         data = decode_chunk(c, buf[c.offset - start: c.end - start])
-                        self.cache.put(c.digest, data, verified=True)
-                        if on_chunk is not None:
-                            on_chunk(c, data)
-                        stored += 1
-                        ev = claimed.pop(c.digest, None)
-                        if ev is not None:
-                            self._release({c.digest: ev})
+                        stores.append(storer.submit(store, c, data, claimed.pop(c.digest, None)))
                 finally:
                     self._release(claimed)
+                if behind:                  # at most one range's decoded chunks wait
+                    stores[behind - 1].result()
                 with self._lock:
                     self.counters.prefetched_chunks += len(chunks)
                 if on_progress is not None:
                     on_progress()
                 if ahead is None:
                     break
+            storer.shutdown(wait=True)
+            stored = sum(1 for f in stores if f.exception() is None)
+            failed = next((f.exception() for f in stores if f.exception() is not None), None)
+            if failed is not None:
+                raise failed
             self.counters.prefetch_state = "done" if stored == len(todo) else "stopped"
             log.info("prefetch: %d chunks in %d ranges in %.2fs", stored, len(ranges),
                      time.monotonic() - t0)
-        except LazyFSError as e:
+        except (LazyFSError, OSError) as e:
             self.counters.prefetch_state = f"failed: {e}"
             log.warning("prefetch stopped after %d chunks: %s", stored, e)
         finally:
+            storer.shutdown(wait=True)  # every claim handed to a store is released
             if ahead is not None:       # stopped or failed with a download under way
                 # a failed download released its claim itself
                 with contextlib.suppress(Exception):
@@ -287,8 +303,6 @@ class LayerView:
             except (LazyFSError, OSError) as e:
                 log.warning("working set dir %s not written: %s", dest, e)
                 out = {"state": f"failed: {type(e).__name__}: {e}"}
-        # writes run beside the decoding (both mostly outside the GIL), one at a time
-        pool = ThreadPoolExecutor(1, thread_name_prefix="lazyfs-workset")
         failed: list[BaseException] = []
 
         def write(c: Chunk, data: bytes) -> None:
@@ -298,6 +312,8 @@ class LayerView:
                 writer.chunk(c, data)
             except OSError as e:
                 failed.append(e)
+        # a third thread: the writes overlap the decoding and the cache's stores
+        pool = ThreadPoolExecutor(1, thread_name_prefix="lazyfs-workset")
         try:
             self.prefetch(stop, on_chunk=None if writer is None else
                           lambda c, data: pool.submit(write, c, data))

@@ -108,7 +108,8 @@ def _checked(name: str) -> str:
 class WorksetWriter:
     """Builds the ws dir for `plan` in a temp dir beside `dest` (which must not exist).
 
-    Construction creates the directories, the (empty) regular files and the symlinks;
+    Construction creates the directories and the symlinks (regular files are created by
+    their first write);
     `chunk(c, data)` writes a verified chunk into every working-set file holding it, as the
     prefetch decodes it (so the data is written once, straight from memory); `finish`
     reads the chunks no `chunk` call brought (e.g. already in the chunk cache), gives every
@@ -132,6 +133,8 @@ class WorksetWriter:
         self.first: dict[int, str] = {}                  # inode -> the path written
         self.left: dict[int, set[int]] = {}              # inode -> file offsets still missing
         self.by_digest: dict[str, list[tuple[int, Chunk]]] = {}
+        self.created: set[int] = set()
+        self._open: tuple[int, int] | None = None        # (inode, fd) being written
         try:
             self._create()
         except BaseException:
@@ -160,9 +163,7 @@ class WorksetWriter:
                 continue                                 # other names: linked in finish
             if stat.S_ISLNK(node.mode):
                 os.symlink(node.link_target, path)
-            elif node.is_reg:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                                 0o600))
+            elif node.is_reg:              # created by its first write (in the writer's thread)
                 self.left[node.ino] = {c.file_offset for c in node.chunks}
                 for c in node.chunks:
                     self.by_digest.setdefault(c.digest, []).append((node.ino, c))
@@ -170,12 +171,24 @@ class WorksetWriter:
                 raise UnsafeEntryError(name, "only regular files and symlinks go to a working set")
             self.first[node.ino] = path
 
+    def _fd(self, ino: int) -> int:
+        """The open file of `ino` (the last one written stays open: chunks of a file come
+        one after another); created here, exclusively, on its first write."""
+        if self._open is not None:
+            if self._open[0] == ino:
+                return self._open[1]
+            os.close(self._open[1])
+            self._open = None
+        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        if ino not in self.created:
+            flags |= os.O_CREAT | os.O_EXCL
+        fd = os.open(self.first[ino], flags, 0o600)
+        self.created.add(ino)
+        self._open = (ino, fd)
+        return fd
+
     def _write(self, ino: int, c: Chunk, data: bytes) -> None:
-        fd = os.open(self.first[ino], os.O_WRONLY | os.O_NOFOLLOW)
-        try:
-            os.pwrite(fd, data, c.file_offset)
-        finally:
-            os.close(fd)
+        os.pwrite(self._fd(ino), data, c.file_offset)
         self.bytes += len(data)
         self.left[ino].discard(c.file_offset)
 
@@ -194,6 +207,9 @@ class WorksetWriter:
                 for c in tree.nodes[ino].chunks:
                     if c.file_offset in offsets:
                         self._write(ino, c, read_chunk(c))
+                if ino not in self.created:     # empty files
+                    self._fd(ino)
+            self._close()
             for name in self.plan.files + self.plan.symlinks:
                 node = tree.nodes[tree.paths[name]]
                 path = os.path.join(root, name)
@@ -213,7 +229,13 @@ class WorksetWriter:
                             dirs=len(self.plan.dirs), bytes=self.bytes,
                             seconds=round(time.monotonic() - self.t0, 3))
 
+    def _close(self) -> None:
+        if self._open is not None:
+            os.close(self._open[1])
+            self._open = None
+
     def abort(self) -> None:
+        self._close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
