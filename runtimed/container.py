@@ -98,6 +98,7 @@ class NodeContext:
     resolv_conf: str = "/etc/resolv.conf"
     criu_config: str | None = None    # passed to CRIU by runc via the org.criu.config annotation
     empty_dir: str | None = None      # read-only source for masking /proc and /sys dirs
+    restore_engine: str = "auto"      # criu_restore.ENGINES: "runc" keeps `runc restore`
 
 
 @dataclass
@@ -228,7 +229,7 @@ class Container:
                 await self.ctx.runc.run_detached(self.id, self.dir, in_r, out_w, err_w)
             else:
                 work = self.dir / "criu-work"
-                if criu_restore.available():
+                if criu_restore.available(self.ctx.restore_engine):
                     # Bypass `runc restore` (see criu_restore.py): the container is then
                     # managed through its cgroup, not runc.
                     self._direct = True

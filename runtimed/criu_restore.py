@@ -44,9 +44,13 @@ class DirectRestoreError(RuntimeError):
     pass
 
 
-def available() -> bool:
-    """Direct restore needs v1 cgroups (see the module doc) and a disabling switch unset."""
-    if os.environ.get("RUNTIMED_RESTORE_ENGINE", "criu") == "runc":
+ENGINES = ("auto", "criu", "runc")
+
+
+def available(engine: str = "auto") -> bool:
+    """Whether restores bypass runc: they need v1 cgroups (see the module doc); the node's
+    `restore_engine` (or RUNTIMED_RESTORE_ENGINE) "runc" turns it off."""
+    if engine == "runc" or os.environ.get("RUNTIMED_RESTORE_ENGINE") == "runc":
         return False
     return bool(cgroups.v1_hierarchies())
 

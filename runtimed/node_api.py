@@ -22,7 +22,7 @@ from aiohttp import web
 from sdk.exception import Error, InvalidError, NotFoundError
 from snapshot import transfer
 
-from . import protocol
+from . import criu_restore, protocol
 from .blobs import HttpBlobSource
 from .config import Paths, ensure_token
 from .http_util import FrameStream, auth_middleware, error_middleware, read_json
@@ -183,8 +183,13 @@ def make_app(node: Node, token: str) -> web.Application:
             node.builder.registry = str(body["registry"] or "")
         if "cuda_checkpoint" in body:          # path of cuda-checkpoint; "" or null: search
             node.gpus.cuda_checkpoint = str(body["cuda_checkpoint"] or "").strip() or None
+        if "restore_engine" in body and node.ctx is not None:
+            if body["restore_engine"] not in criu_restore.ENGINES:
+                raise InvalidError(f"restore_engine must be one of {', '.join(criu_restore.ENGINES)}")
+            node.ctx.restore_engine = body["restore_engine"]
         return web.json_response({**out, "registry": node.builder and node.builder.registry,
-                                  "cuda_checkpoint": node.gpus.cuda_checkpoint})
+                                  "cuda_checkpoint": node.gpus.cuda_checkpoint,
+                                  "restore_engine": node.ctx and node.ctx.restore_engine})
 
     app.router.add_post("/v1/pools/{fid}/drain", drain)
     app.router.add_post("/v1/layers/{key}/evict", evict_layer)

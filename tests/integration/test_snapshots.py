@@ -411,6 +411,26 @@ def test_lazy_restore_records_working_set_and_restores_it_eagerly(deployed, runt
     assert (hot / ".working-set").exists()
 
 
+def test_runc_restore_engine_still_restores(deployed, runtime):
+    """Hosts without v1 cgroups restore through `runc restore`: the node's restore_engine
+    switch exercises that path here too (a call served by restore, runtimectl restore)."""
+    node = _node(runtime)
+    assert node.json("POST", "/v1/config", {"restore_engine": "runc"})["restore_engine"] == "runc"
+    try:
+        out, info = _cold_call(entropy, "via-runc")
+        assert out[0] == "via-runc" and info["tier"] in ("restore", "restore_lazy"), info
+        assert "runc_restore" in info["spans"], info["spans"]
+        sid = _snapshot_of(runtime, entropy)["snapshot_id"]
+        r = runtime.cli("restore", sid, timeout=120)
+        assert r.returncode == 0 and "runc_restore" in r.stdout, r.stdout + r.stderr
+        with pytest.raises(Exception, match="restore_engine must be one of"):
+            node.json("POST", "/v1/config", {"restore_engine": "docker"})
+    finally:
+        node.json("POST", "/v1/config", {"restore_engine": "auto"})
+    out, info = _cold_call(entropy, "direct-again")
+    assert _restore_span() in info["spans"], info["spans"]
+
+
 # -- keep last: it kills the node daemon ----------------------------------------------------------
 def test_restored_container_is_cleaned_up_after_node_kill(deployed, runtime):
     """A container restored by CRIU directly is unknown to runc: after the node daemon dies
