@@ -53,6 +53,7 @@ class NetworkManager:
         self.pool_size = pool_size
         self._pool: dict[bool, list[NetnsHandle]] = {True: [], False: []}
         self._closed = False           # drained for shutdown: refills stop
+        self._refill_thread: threading.Timer | None = None
         self._refilling = False
 
     def _ensure_host(self) -> None:
@@ -126,6 +127,7 @@ class NetworkManager:
         # start that just took a netns would slow exactly the path the pool speeds up.
         t = threading.Timer(0.5, self._refill)
         t.daemon = True
+        self._refill_thread = t
         t.start()
 
     def _refill(self) -> None:
@@ -149,6 +151,12 @@ class NetworkManager:
         up what it makes (else its netns and lease outlive the daemon)."""
         with self._lock:
             self._closed = True
+            refill = self._refill_thread
+        if refill is not None:
+            refill.cancel()                # not started yet: never starts
+            if refill.is_alive():
+                refill.join(timeout=10)    # mid-create: it destroys what it made
+        with self._lock:
             handles = self._pool[True] + self._pool[False]
             self._pool = {True: [], False: []}
         for h in handles:

@@ -163,6 +163,14 @@ def survivor(tag):
     return tag
 
 
+@app.function(snapshot=True, scaledown_window=1, memory=128, retries=0)
+def hungry(mb):
+    block = bytearray(mb << 20)
+    for i in range(0, len(block), 4096):          # touch it: RSS, not just address space
+        block[i] = 1
+    return len(block) >> 20
+
+
 @app.function(fork=True, memory=512)
 def forked(x):
     import os
@@ -409,6 +417,19 @@ def test_lazy_restore_records_working_set_and_restores_it_eagerly(deployed, runt
     assert fn.last_call.info["tier"] == "restore_lazy"
     hot = _store(runtime).parent / "hot" / snap["snapshot_id"]
     assert (hot / ".working-set").exists()
+
+
+def test_restored_container_keeps_its_limits(deployed):
+    """A restore that bypasses runc must still apply the cgroup limits: a restored
+    container that outgrows memory=128 is OOM-killed and reported as such."""
+    from sdk.exception import OOMError
+    assert hungry.remote(1) == 1                      # cold start, takes the snapshot
+    _drain(hungry)
+    assert hungry.remote(2) == 2
+    assert hungry.last_call.info["tier"] in ("restore", "restore_lazy")
+    _drain(hungry)
+    with pytest.raises(OOMError, match="memory"):
+        hungry.remote(400)
 
 
 def test_runc_restore_engine_still_restores(deployed, runtime):
