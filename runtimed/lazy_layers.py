@@ -87,6 +87,7 @@ class LazyLayers:
         self._first_call: dict[str, asyncio.Event] = {}
         self._gen: dict[str, int] = {}                # layer key -> mount generation
         self._bg: set[asyncio.Task] = set()
+        self._behind: dict[str, asyncio.Task] = {}    # layer key -> its pull and publish
         self._prune_lock = asyncio.Lock()
 
     # -- 1. mount ---------------------------------------------------------------------------
@@ -161,7 +162,7 @@ class LazyLayers:
             self.layers.lazy[key] = h
             self._first_call[key] = asyncio.Event()
             self._gen[key] = gen = self._gen.get(key, 0) + 1
-            self._spawn(self._behind_mount(key, info, gen))
+            self._behind[key] = self._spawn(self._behind_mount(key, info, gen))
             return True
 
     def call_done(self, keys: list[str]) -> None:
@@ -171,10 +172,11 @@ class LazyLayers:
             if ev is not None:
                 ev.set()
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)
         self._bg.add(t)
         t.add_done_callback(self._bg.discard)
+        return t
 
     # -- 2. pull ----------------------------------------------------------------------------
     async def _behind_mount(self, key: str, info: dict, gen: int) -> None:
@@ -268,6 +270,12 @@ class LazyLayers:
         (those another live mount serves stay): as a node that never saw the layer."""
         h = self.layers.lazy.pop(key, None)
         self._gen[key] = self._gen.get(key, 0) + 1     # its pull and publish stop
+        behind = self._behind.pop(key, None)
+        if behind is not None:
+            # now, not at their next step: a download of the layer's archive in flight
+            # would take the CPUs from the next start (an unpack already under way ends
+            # in its thread and is dropped)
+            behind.cancel()
         self._first_call.pop(key, None)
         self._drop_workset(key)
         if h is None:
