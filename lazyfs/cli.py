@@ -134,7 +134,8 @@ def cmd_serve(a: argparse.Namespace) -> dict:
         view = LayerView(blob, cache, rec)
         serve(view, spec.mountpoint, fsname=f"lazyfs:{layer[:19]}", prefetch=spec.prefetch,
               fetch_all=spec.fetch_all, status_path=spec.status_path,
-              allow_other=spec.allow_other, workset_dir=spec.workset_dir)
+              allow_other=spec.allow_other, workset_dir=spec.workset_dir,
+              workset_only=spec.workset_only)
     finally:
         cache.unpin()
     return {}

@@ -156,13 +156,15 @@ def _write_json(path: Path, doc: dict) -> None:
 
 def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch: bool = True,
           fetch_all: bool = False, status_path: str | None = None, allow_other: bool = True,
-          workset_dir: str | None = None, on_mounted: Callable[[], None] | None = None) -> None:
+          workset_dir: str | None = None, workset_only: bool = False,
+          on_mounted: Callable[[], None] | None = None) -> None:
     """Mount `view` at `mountpoint` and serve until unmounted or SIGTERM/SIGINT.
 
-    Blocks. With `workset_dir`, a complete prefetch is followed by writing the prioritized
-    files there as real files (see lazyfs.workset). `status_path` gets a JSON status
-    (source bytes, cache hits, errors, prefetch, working set) twice a second while anything
-    changes, and the access recorder is flushed alike.
+    Blocks. With `workset_dir`, the prefetch also writes the prioritized files there as
+    real files (see lazyfs.workset; `workset_only`: their chunks are not kept in the chunk
+    cache too). `status_path` gets a JSON status (source bytes, cache hits, errors,
+    prefetch, working set) twice a second while anything changes, and the access recorder
+    is flushed alike.
     """
     ops = LazyOperations(view)
     options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=lazyfs"}
@@ -200,7 +202,7 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
             if prefetch or fetch_all:
                 def run_prefetch() -> None:
                     if workset_dir and not fetch_all:
-                        view.prefetch_workset(workset_dir, stop)
+                        view.prefetch_workset(workset_dir, stop, only=workset_only)
                         housekeeping_once()      # the node waits for this status
                     else:
                         view.prefetch(stop, everything=fetch_all)

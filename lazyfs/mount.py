@@ -90,6 +90,7 @@ class MountSpec:
     prefetch: bool = True                # prioritized area in the background
     fetch_all: bool = False              # then everything else, too
     workset_dir: str | None = None       # after the prefetch: its files as a local dir
+    workset_only: bool = False           # ... and their chunks not in the chunk cache
     allow_other: bool = True
 
     def to_json(self) -> str:
@@ -199,13 +200,13 @@ def mount_layer(mountpoint: str | os.PathLike, *, digest: str, dispatcher_url: s
                 toc_digest: str | None, cache_dir: str = DEFAULT_CACHE, size: int | None = None,
                 record_path: str | None = None, status_path: str | None = None,
                 prefetch: bool = True, log_path: str | None = None,
-                workset_dir: str | None = None) -> MountHandle:
+                workset_dir: str | None = None, workset_only: bool = False) -> MountHandle:
     """Mount the eStargz layer blob `digest` from the dispatcher's blob store, lazily."""
     spec = MountSpec(source=SourceSpec("dispatcher", dispatcher_url, digest=digest, token=token,
                                        size=size),
                      mountpoint=str(mountpoint), toc_digest=toc_digest, cache_dir=cache_dir,
                      record_path=record_path, status_path=status_path, prefetch=prefetch,
-                     workset_dir=workset_dir)
+                     workset_dir=workset_dir, workset_only=workset_only)
     return mount(spec, log_path=log_path)
 
 

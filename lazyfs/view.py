@@ -195,14 +195,16 @@ class LayerView:
     # -- prefetch ------------------------------------------------------------------------
     def prefetch(self, stop: threading.Event | None = None, *, everything: bool = False,
                  on_progress: Callable[[], None] | None = None,
-                 on_chunk: Callable[[Chunk, bytes], object] | None = None) -> int:
+                 on_chunk: Callable[[Chunk, bytes], object] | None = None,
+                 cache_skip: Callable[[Chunk], bool] | None = None) -> int:
         """Fetch the prioritized area (all chunks if `everything`) in few large ranges.
 
         The first range is small (FIRST_PREFETCH_REQUEST) and each next one twice as large,
         up to MAX_PREFETCH_REQUEST, so the files needed first arrive first; the next range
         is downloaded while the current one is decoded, and each chunk is handed to the
         readers waiting for it as soon as it is stored. Returns the number of chunks
-        stored; `on_chunk(chunk, data)` is given each one as it is stored. Errors end the
+        stored; `on_chunk(chunk, data)` is given each one as it is stored, and chunks for
+        which `cache_skip(chunk)` is true go to `on_chunk` only, not into the cache. Errors end the
         prefetch (reads still fetch on demand) and are logged; this
         never raises LazyFSError.
         """
@@ -233,7 +235,8 @@ class LayerView:
 
         def store(c: Chunk, data: bytes, ev: threading.Event | None) -> None:
             try:
-                self.cache.put(c.digest, data, verified=True)
+                if cache_skip is None or not cache_skip(c):
+                    self.cache.put(c.digest, data, verified=True)
                 if on_chunk is not None:
                     on_chunk(c, data)
             finally:
@@ -288,10 +291,13 @@ class LayerView:
             pool.shutdown(wait=False)
         return stored
 
-    def prefetch_workset(self, dest: str | os.PathLike,
-                         stop: threading.Event | None = None) -> dict:
+    def prefetch_workset(self, dest: str | os.PathLike, stop: threading.Event | None = None,
+                         *, only: bool = False) -> dict:
         """`prefetch`, writing the prioritized files as the local dir `dest` as they
         arrive (lazyfs.workset), completed and renamed into place when the prefetch is.
+        With `only`, their chunks go to that dir alone, not into the chunk cache: for a
+        node whose containers wait for the dir, so they never read those files through
+        FUSE (one who does, e.g. when the dir failed, fetches them on demand).
         Returns (and keeps for the status) what happened; never raises."""
         from .workset import WorksetWriter, plan_workset
         plan = plan_workset(self.tree)
@@ -315,8 +321,10 @@ class LayerView:
         # a third thread: the writes overlap the decoding and the cache's stores
         pool = ThreadPoolExecutor(1, thread_name_prefix="lazyfs-workset")
         try:
+            in_dir = set(writer.by_digest) if writer is not None and only else set()
             self.prefetch(stop, on_chunk=None if writer is None else
-                          lambda c, data: pool.submit(write, c, data))
+                          lambda c, data: pool.submit(write, c, data),
+                          cache_skip=(lambda c: c.digest in in_dir) if in_dir else None)
         finally:
             pool.shutdown(wait=True)
         if plan.empty:

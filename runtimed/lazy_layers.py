@@ -148,7 +148,10 @@ class LazyLayers:
                     token=self.token, toc_digest=info.get("toc_digest"),
                     size=info.get("estargz_size"), cache_dir=str(self.cache_dir),
                     record_path=str(record), status_path=str(status),
-                    prefetch=self.prefetch, workset_dir=str(ws) if use_ws else None))
+                    prefetch=self.prefetch, workset_dir=str(ws) if use_ws else None,
+                    # containers wait for the dir, so none reads those files via FUSE:
+                    # their chunks need not be stored twice (~0.8 s of a 2-core node)
+                    workset_only=self.workset == "wait"))
             except Exception as e:  # noqa: BLE001 - fall back to a full pull
                 log.warning("lazy mount of layer %s failed, pulling it fully: %s", key[:16], e)
                 return False

@@ -195,7 +195,9 @@ def test_chunk_cache_budget_is_kept_and_shown(runtime):
         key = image.spec()["steps"][-1]["key"]
         default_client().json("POST", f"/v1/functions/{read_small.object_id}/drain", {})
         node.json("POST", f"/v1/layers/{key}/evict", {})
-        node.json("POST", "/v1/config", {"lazy_pull": "now"})
+        # reads through FUSE and the chunk cache (a working-set dir would keep the
+        # recorded files, once published, out of the cache)
+        node.json("POST", "/v1/config", {"lazy_pull": "now", "lazy_workset": "off"})
         try:
             assert read_small.remote() == f"small-{RUN}"        # mounted lazily, in use
             node.json("POST", "/v1/config", {"lazy_cache_mb": 0})
@@ -209,4 +211,5 @@ def test_chunk_cache_budget_is_kept_and_shown(runtime):
             out = runtime.cli("images").stdout
             assert "chunk cache" in out, out
         finally:
-            node.json("POST", "/v1/config", {"lazy_cache_mb": 4096, "lazy_pull": "defer"})
+            node.json("POST", "/v1/config", {"lazy_cache_mb": 4096, "lazy_pull": "defer",
+                                             "lazy_workset": "wait"})

@@ -147,3 +147,25 @@ def test_no_working_set_dir_without_a_prioritized_area(tmp_path: Path, mounts):
     assert state == {"state": "none"} and not ws.exists()
     assert not (mp / "no-such-file").exists()          # negative entries are cached, still absent
     assert (mp / "etc/hello.txt").read_text() == "hello, lazy world\n"
+
+
+def test_workset_only_keeps_the_working_set_out_of_the_chunk_cache(tmp_path: Path, mounts):
+    layer = make_layer(tmp_path / "layer", big=2_000_000)
+    blob = write_layer(layer, tmp_path / "layer.esgz", chunk_size=256 * 1024,
+                       prioritized=WORKING_SET)
+    mp, ws, status = tmp_path / "mnt", tmp_path / "layer.ws", tmp_path / "status.json"
+    mp.mkdir()
+    mounts.append(mount(MountSpec(source=SourceSpec("file", str(blob.path)),
+                                  mountpoint=str(mp), cache_dir=str(tmp_path / "cache"),
+                                  status_path=str(status), workset_dir=str(ws),
+                                  workset_only=True)))
+    state = _wait(lambda: status.exists() and _status(status).get("workset"), "workset")
+    assert state["state"] == "done", state
+    assert (ws / "usr/lib/python3/text.py").read_text() == "x = 1\n" * 5000
+    time.sleep(0.6)
+    before = _status(status)
+    assert before["prefetched_chunks"] >= 1 and before["fetched_chunks"] == 0
+    # a reader that bypasses the dir (FUSE only) still gets the file, fetched on demand
+    assert (mp / "usr/lib/python3/text.py").read_text() == "x = 1\n" * 5000
+    time.sleep(1.2)
+    assert _status(status)["fetched_chunks"] > 0
