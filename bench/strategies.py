@@ -40,6 +40,7 @@ class Ctx:
     peer: str | None = None       # the attached peer node (None: not attached)
     peer_error: str | None = None         # why no peer could be attached
     taken: dict = field(default_factory=dict)   # function id -> snapshot this run took
+    deployed: list = field(default_factory=list)  # every Function of the run (all variants)
 
     def note_interruption(self, e: BaseException) -> None:
         self.interruptions.append({"t": time.time(), "error": str(e)[:200]})
@@ -218,8 +219,14 @@ def _layer_keys(fn: Function) -> list[str]:
 
 def _empty_image_cache(ctx: Ctx, fn: Function, args: tuple, lazy: bool,
                        prefetch: bool = False, workset: str = "wait") -> dict:
-    drain(ctx, fn, args)
     keys = _layer_keys(fn)
+    # Every idle container on these layers must go (other strategies' variants of this
+    # workload keep some): a node refuses to forget a layer a container still uses.
+    users = [f for f in ctx.deployed if set(_layer_keys(f)) & set(keys)] or [fn]
+    for f in users:
+        ctx.rt.drain(f.object_id)
+    if ctx.settle_s:
+        time.sleep(ctx.settle_s)
     ctx.rt.evict_layers(keys, lazy_images=lazy, only=[ctx.home] if ctx.home else None,
                         lazy_prefetch=prefetch, lazy_workset=workset)
     return {"evicted_layers": len(keys)}
@@ -307,6 +314,9 @@ class Strategy:
     implemented: bool = True
     needs: str = ""                     # for planned strategies: what is missing
     extra: dict = field(default_factory=dict)
+    # "image" cells empty the node's image cache: they run after all the others (setup
+    # and rounds), so no cold/warm/restore cell lands on a half-pulled lazy layer.
+    group: str = "runtime"
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
@@ -330,23 +340,34 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              variant="snap", expect=("restore_peer",), setup=peer_setup, prepare=peer_prepare,
              after=peer_pulled, on_peer=True),
     Strategy("full_pull", "cold start on a node with an empty image cache: pull and unpack "
-             "every layer first", variant="plain", expect=("cold",), prepare=empty_cache_full),
+             "every layer first", variant="plain", expect=("cold",), prepare=empty_cache_full,
+             group="image"),
     Strategy("lazy_image", "cold start on a node with an empty image cache: eStargz layers "
              "mounted lazily over FUSE, fetched by range on first read (no prefetch)",
-             variant="plain", expect=("cold",), prepare=empty_cache_lazy, after=lazy_fetched),
+             variant="plain", expect=("cold",), prepare=empty_cache_lazy, after=lazy_fetched,
+             group="image"),
     Strategy("lazy_prefetch", "lazy_image, with the layer's eStargz republished after an "
              "earlier lazy start with the files it opened first: the mount prefetches that "
              "working set in large range reads and writes it as a local dir stacked above "
              "the FUSE mount, which the start waits for (lazy_workset=wait)",
              variant="plain", expect=("cold",), setup=record_working_set,
-             prepare=empty_cache_lazy_prefetch, after=lazy_fetched),
+             prepare=empty_cache_lazy_prefetch, after=lazy_fetched,
+             group="image"),
     Strategy("lazy_prefetch_nowait", "lazy_prefetch, but the container starts as soon as "
              "the FUSE mount is up, without waiting for the working-set dir (it gets FUSE "
              "only; later containers get the dir)",
              variant="plain", expect=("cold",), setup=record_working_set,
-             prepare=empty_cache_lazy_prefetch_nowait, after=lazy_fetched),
+             prepare=empty_cache_lazy_prefetch_nowait, after=lazy_fetched,
+             group="image"),
     Strategy("lazy_prefetch_fuse", "lazy_prefetch with every read through the FUSE server "
              "(no working-set dir: lazy_workset=off, as before)",
              variant="plain", expect=("cold",), setup=record_working_set,
-             prepare=empty_cache_lazy_prefetch_fuse, after=lazy_fetched),
+             prepare=empty_cache_lazy_prefetch_fuse, after=lazy_fetched,
+             group="image"),
 ]}
+
+
+# The lazy_prefetch* variants compare ways of serving a recorded image working set (issue
+# 5: bench/results/lazy_image.md); each needs a lazy start and a republished layer in its
+# setup, so they run only when named (--strategies lazy_prefetch ...).
+DEFAULT_STRATEGIES = [n for n in STRATEGIES if not n.startswith("lazy_prefetch")]
