@@ -93,6 +93,9 @@ class SnapshotManager:
         self.store = SnapshotStore(root / "store", budget_bytes=budget_bytes)
         self.hot = root / "hot"
         self.work = root / "work"
+        # Dumps and CRIU work dirs of a daemon that died mid-checkpoint: nothing else
+        # uses them (the store's own temp files are gc's), so start empty.
+        shutil.rmtree(self.work, ignore_errors=True)
         for d in (self.hot, self.work):
             d.mkdir(parents=True, exist_ok=True)
         self.runc = runc

@@ -346,6 +346,7 @@ def test_kill_daemon_mid_checkpoint_leaves_no_snapshot(deployed, runtime):
             assert time.monotonic() < deadline
             time.sleep(0.5)
     assert all(s["function_id"] != big_for_kill.object_id for s in snaps)
+    assert not any(p.name.endswith("-dump") for p in work.glob("*"))   # nor its leftovers
     # ...and the next call works (and takes the snapshot this time).
     deadline = time.monotonic() + 60
     while True:
