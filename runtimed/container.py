@@ -507,9 +507,9 @@ class Container:
         await self._kill_all()
 
     async def _kill_all(self) -> None:
-        if self._direct:
-            await asyncio.get_running_loop().run_in_executor(
-                None, cgroups.v1_kill_and_remove, self.cgroup_path)
+        if self._direct:      # shielded like the netns removal in destroy()
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+                None, cgroups.v1_kill_and_remove, self.cgroup_path))
         else:
             await self.ctx.runc.kill(self.id)
 
@@ -553,7 +553,10 @@ class Container:
             shutil.rmtree(self.dir, ignore_errors=True)
         if self.netns is not None:
             net, self.netns = self.netns, None
-            await asyncio.get_running_loop().run_in_executor(None, self.ctx.network.destroy, net)
+            # Shielded: a destroy cancelled here (node shutdown cancels pool tasks) must
+            # still remove the namespace and its address lease, or both outlive us.
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(
+                None, self.ctx.network.destroy, net))
         for cb in self.on_destroy:
             await cb()
 
