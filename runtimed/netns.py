@@ -118,14 +118,14 @@ class NetworkManager:
         self.refill_async()
         return handle
 
-    def refill_async(self) -> None:
+    def refill_async(self, delay: float = 0.5) -> None:
         with self._lock:
             if self._refilling or self.pool_size <= 0 or self._closed:
                 return
             self._refilling = True
         # Start a little later: a refill competing for the CPU with the restore or
         # start that just took a netns would slow exactly the path the pool speeds up.
-        t = threading.Timer(0.5, self._refill)
+        t = threading.Timer(delay, self._refill)
         t.daemon = True
         self._refill_thread = t
         t.start()

@@ -97,7 +97,7 @@ class Node:
         self.builder.lazy_policy = self.lazy.mount
         self.builder.access_dir = self.dir / "lz"
         self.lazy.start(self.token)
-        self.network.refill_async()
+        self.network.refill_async(delay=0)      # at start nothing competes: fill it now
         await asyncio.get_running_loop().run_in_executor(None, self.gpus.start)
 
     async def _cleanup_stale(self) -> None:
