@@ -269,12 +269,13 @@ class SnapshotManager:
                 except SnapshotCorruptError as e:
                     raise SnapshotError(f"snapshot {m.snapshot_id} is corrupt and was "
                                         f"quarantined: {e}") from e
+            if lazy:        # under the lock: concurrent restores rewrite one pagemap
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._apply_working_set, m.snapshot_id, hot)
         upper = hot / UPPER_FILE
         on_log = None
         if lazy:
             sid = m.snapshot_id
-            await asyncio.get_running_loop().run_in_executor(None, self._apply_working_set,
-                                                             sid, hot)
             ws = self.working_set(sid)
             if ws is None or ws["recordings"] < WS_RECORDINGS:
                 on_log = lambda data: self.record_working_set(sid, data)  # noqa: E731

@@ -171,6 +171,17 @@ def hungry(mb):
     return len(block) >> 20
 
 
+@app.function(snapshot=True, restore_mode="lazy", scaledown_window=1, memory=512,
+              max_containers=3)
+def lazy_many(i):
+    import time as _t
+    _t.sleep(0.5)                                  # keep several containers busy at once
+    return i * 2, _BIG[i]
+
+
+_BIG = bytes(range(256)) * 40000                   # ~10 MB in the snapshot, checked per call
+
+
 @app.function(fork=True, memory=512)
 def forked(x):
     import os
@@ -418,6 +429,15 @@ def test_lazy_restore_records_working_set_and_restores_it_eagerly(deployed, runt
     assert fn.last_call.info["tier"] == "restore_lazy"
     hot = _store(runtime).parent / "hot" / snap["snapshot_id"]
     assert (hot / ".working-set").exists()
+
+
+def test_concurrent_lazy_restores_of_one_snapshot(deployed):
+    """Several containers restored lazily from one snapshot at the same time (working
+    set being recorded and applied meanwhile) all answer correctly."""
+    assert lazy_many.remote(1) == (2, 1)            # cold start, takes the snapshot
+    for _ in range(3):                              # rounds of up to 3 parallel restores
+        _drain(lazy_many)
+        assert list(lazy_many.map(range(6))) == [(i * 2, i) for i in range(6)]
 
 
 def test_restored_container_keeps_its_limits(deployed):
