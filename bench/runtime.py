@@ -17,9 +17,9 @@ import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
-from runtimed.devcluster import LocalCluster, free_port_pair, mounts_under
+from runtimed.devcluster import LocalCluster, free_port_pair, mounts_under, sdk_pointed_at
 from sdk import Function, FunctionCall
-from sdk.client import Client, default_client, reset_default_client
+from sdk.client import Client, default_client
 from sdk.exception import Error, NodeUnavailableError
 from sdk.functions import LONG_POLL
 from sdk.serialization import dumps_args
@@ -283,7 +283,6 @@ def private_runtime(port: int | None = None, startup_timeout: float = 120.0) -> 
     proc = subprocess.Popen([sys.executable, "-m", "runtimed.cli", "up", "--port", str(port)],
                             cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
-    saved = {k: os.environ.get(k) for k in ("RUNTIMED_URL", "RUNTIMED_TOKEN")}
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
@@ -303,18 +302,10 @@ def private_runtime(port: int | None = None, startup_timeout: float = 120.0) -> 
                 except Error:
                     pass
             time.sleep(0.3)
-        os.environ["RUNTIMED_URL"] = url
-        os.environ["RUNTIMED_TOKEN"] = token_file.read_text().strip()
-        reset_default_client()
         print(f"[bench] private runtime on {url} (state {state})", file=sys.stderr)
-        yield url
+        with sdk_pointed_at(url, token_file.read_text().strip()):
+            yield url
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reset_default_client()
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=40)

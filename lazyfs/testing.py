@@ -26,15 +26,17 @@ IS_ROOT = os.geteuid() == 0
 MTIME = 1_700_000_000
 
 
-def fuse_skip_reason() -> str | None:
-    """Why FUSE + overlay tests cannot run here (None: they can)."""
+def fuse_skip_reason(*tools: tuple[str, str]) -> str | None:
+    """Why FUSE + overlay tests cannot run here (None: they can); `tools` are further
+    (binary, Debian package) pairs a test module needs."""
     import shutil
     if os.geteuid() != 0:
         return "lazyfs FUSE tests need root (mount, allow_other, overlayfs)"
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse is missing"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (apt-get install fuse3)"
+    for tool, pkg in (*tools, ("fusermount3", "fuse3")):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install {pkg})"
     try:
         import pyfuse3  # noqa: F401
     except ImportError:

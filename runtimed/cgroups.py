@@ -2,6 +2,7 @@
 v1 hosts create, join and remove them for restores that bypass runc."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -58,12 +59,14 @@ def memory_rss(cgroup_path: str) -> int | None:
 V1_ROOT = "/sys/fs/cgroup"
 
 
-def v1_hierarchies() -> list[str]:
-    """Mounted v1 hierarchies (plus the hybrid `unified` one); [] on a pure v2 host."""
+@functools.cache
+def v1_hierarchies() -> tuple[str, ...]:
+    """Mounted v1 hierarchies (plus the hybrid `unified` one); () on a pure v2 host.
+    Read once per process: asked several times on every restore, fixed after boot."""
     if os.path.exists(os.path.join(V2_ROOT, "cgroup.controllers")) or not os.path.isdir(V1_MEMORY):
-        return []
-    return sorted(os.path.join(V1_ROOT, d) for d in os.listdir(V1_ROOT)
-                  if os.path.exists(os.path.join(V1_ROOT, d, "cgroup.procs")))
+        return ()
+    return tuple(sorted(os.path.join(V1_ROOT, d) for d in os.listdir(V1_ROOT)
+                        if os.path.exists(os.path.join(V1_ROOT, d, "cgroup.procs"))))
 
 
 def _write(path: str, value: str) -> None:

@@ -141,6 +141,7 @@ class Container:
         self._lazy_watch: asyncio.Task | None = None
         self._direct = False                 # restored by CRIU directly: runc does not know it
         self._criu_exit: asyncio.Task | None = None   # that CRIU, maybe still finishing
+        self._config: dict = {}              # the bundle's config.json, as written
         self.on_destroy: list[Callable[[], Awaitable[None]]] = []   # e.g. release memory
 
     # -- state ---------------------------------------------------------------------------
@@ -186,7 +187,8 @@ class Container:
             rootfs.mount_overlay(plan)
             self._mounted = True
             spec = self._spec(plan.merged)
-            (self.dir / "config.json").write_text(json.dumps(bundle.build_config(spec)))
+            self._config = bundle.build_config(spec)
+            (self.dir / "config.json").write_text(json.dumps(self._config))
             t = self.spans.add("rootfs", t)
             if lazy_start is not None:
                 self._lazy_daemon = await lazy_start
@@ -233,9 +235,8 @@ class Container:
                     # Bypass `runc restore` (see criu_restore.py): the container is then
                     # managed through its cgroup, not runc.
                     self._direct = True
-                    plan = criu_restore.plan(json.loads((self.dir / "config.json").read_text()),
-                                             restore.image_dir, work, self.dir / "pid",
-                                             lazy=restore.lazy)
+                    plan = criu_restore.plan(self._config, restore.image_dir, work,
+                                             self.dir / "pid", lazy=restore.lazy)
                     handle = await criu_restore.restore(self.ctx.runc.criu or "criu", plan,
                                                         in_r, out_w, err_w,
                                                         env=self.ctx.runc.restore_env)

@@ -249,9 +249,12 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def running(cluster: LocalCluster, keep_state: bool = False):
+def running(cluster: LocalCluster, keep_state: bool | None = None):
     """Start `cluster`, yield it, stop it (tests' module fixtures): the processes' log
-    tails go to stderr if it fails to start, what teardown had to remove after."""
+    tails go to stderr if it fails to start, what teardown had to remove after. The
+    state dir is kept when asked, or by default with RUNTIMED_TEST_KEEP_LOG set."""
+    if keep_state is None:
+        keep_state = bool(os.environ.get("RUNTIMED_TEST_KEEP_LOG"))
     try:
         cluster.start()
         yield cluster
@@ -263,6 +266,25 @@ def running(cluster: LocalCluster, keep_state: bool = False):
         left = cluster.stop(keep_state=keep_state)
         if left:
             print(f"cluster teardown removed: {left}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def sdk_pointed_at(url: str, token: str):
+    """Inside the block the SDK's default client talks to `url` with `token` (the
+    RUNTIMED_URL/RUNTIMED_TOKEN environment); both are put back afterwards."""
+    from sdk.client import reset_default_client
+    saved = {k: os.environ.get(k) for k in ("RUNTIMED_URL", "RUNTIMED_TOKEN")}
+    os.environ["RUNTIMED_URL"], os.environ["RUNTIMED_TOKEN"] = url, token
+    reset_default_client()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_default_client()
 
 
 def wait_for(pred, timeout: float = 30.0, what: str = "condition"):

@@ -269,14 +269,14 @@ class SnapshotManager:
                 except SnapshotCorruptError as e:
                     raise SnapshotError(f"snapshot {m.snapshot_id} is corrupt and was "
                                         f"quarantined: {e}") from e
+            ws = None
             if lazy:        # under the lock: concurrent restores rewrite one pagemap
-                await asyncio.get_running_loop().run_in_executor(
+                ws = await asyncio.get_running_loop().run_in_executor(
                     None, self._apply_working_set, m.snapshot_id, hot)
         upper = hot / UPPER_FILE
         on_log = None
         if lazy:
             sid = m.snapshot_id
-            ws = self.working_set(sid)
             if ws is None or ws["recordings"] < WS_RECORDINGS:
                 on_log = lambda data: self.record_working_set(sid, data)  # noqa: E731
         return RestoreSource(hot, upper if upper.exists() else None, lazy=lazy,
@@ -307,17 +307,18 @@ class SnapshotManager:
         log.info("snapshot %s: lazy restore faulted %d pages; working set %d pages after %d "
                  "recordings", snapshot_id, len(pages), len(rec["pages"]), rec["recordings"])
 
-    def _apply_working_set(self, snapshot_id: str, hot: Path) -> None:
+    def _apply_working_set(self, snapshot_id: str, hot: Path) -> dict | None:
         """Rewrite the hot copy's pagemaps so the working set is restored eagerly (derived
-        from the originals kept aside, so re-applying after more recordings is exact)."""
+        from the originals kept aside, so re-applying after more recordings is exact).
+        Returns the working set (None: none recorded yet)."""
         ws = self.working_set(snapshot_id)
         if not ws or not ws["pages"]:
-            return
+            return ws
         marker = hot / ".working-set"
         cluster = int(os.environ.get("RUNTIMED_WS_CLUSTER_PAGES") or workingset.CLUSTER_PAGES)
         tag = f"{ws['recordings']}:{len(ws['pages'])}:{cluster}"
         if marker.exists() and marker.read_text() == tag:
-            return
+            return ws
         d = self._ws_dir(snapshot_id)
         pages = set(ws["pages"])
         for pm in sorted(hot.glob("pagemap-*.img")):
@@ -332,6 +333,7 @@ class SnapshotManager:
             log.info("snapshot %s %s: %d working-set pages eager, %d lazy", snapshot_id,
                      pm.name, eager, workingset.lazy_pages(new))
         marker.write_text(tag)
+        return ws
 
     # -- restore mode per snapshot, chosen by measurement --------------------------------
     def choose_mode(self, snapshot_id: str, requested: str | None = None) -> str:

@@ -27,37 +27,39 @@ def _hex_ip4(h: str) -> str:
 _TCP_STATES = {"01": "ESTABLISHED", "0A": "LISTEN", "07": "CLOSE"}
 
 
-def _inet_sockets(pid: int, inodes: set[str]) -> tuple[str, ...]:
-    """The process's own inet sockets (matched by inode in its netns's tables)."""
-    out = []
-    for name in ("tcp", "tcp6", "udp", "udp6"):
+def _net_rows(pid: int, names: tuple[str, ...]):
+    """(table, fields) of each socket row in /proc/<pid>/net/<table> (the pid's netns)."""
+    for name in names:
         try:
             lines = open(f"/proc/{pid}/net/{name}").read().splitlines()[1:]
         except OSError:
             continue
         for ln in lines:
-            parts = ln.split()
-            if len(parts) > 9 and parts[9] in inodes:
-                lip, lport = parts[1].split(":")
-                ip = _hex_ip4(lip) if len(lip) == 8 else lip
-                state = _TCP_STATES.get(parts[3], parts[3]) if name.startswith("tcp") else ""
-                out.append(f"{name} {ip}:{int(lport, 16)} {state}".strip())
+            yield name, ln.split()
+
+
+def _addr(hexaddr: str) -> tuple[str, int]:
+    ip, port = hexaddr.split(":")
+    return (_hex_ip4(ip) if len(ip) == 8 else ip), int(port, 16)
+
+
+def _inet_sockets(rows: list, inodes: set[str]) -> tuple[str, ...]:
+    """The process's own inet sockets (matched by inode in its netns's tables)."""
+    out = []
+    for name, parts in rows:
+        if len(parts) > 9 and parts[9] in inodes:
+            ip, port = _addr(parts[1])
+            state = _TCP_STATES.get(parts[3], parts[3]) if name.startswith("tcp") else ""
+            out.append(f"{name} {ip}:{port} {state}".strip())
     return tuple(out)
 
 
-def _tcp_established(pid: int) -> tuple[str, ...]:
+def _tcp_established(rows: list) -> tuple[str, ...]:
     out = []
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = open(f"/proc/{pid}/net/{name}").read().splitlines()[1:]
-        except OSError:
-            continue
-        for ln in lines:
-            parts = ln.split()
-            if len(parts) > 3 and parts[3] == "01":        # TCP_ESTABLISHED
-                rip, rport = parts[2].split(":")
-                ip = _hex_ip4(rip) if len(rip) == 8 else rip
-                out.append(f"{ip}:{int(rport, 16)}")
+    for name, parts in rows:
+        if name.startswith("tcp") and len(parts) > 3 and parts[3] == "01":   # ESTABLISHED
+            ip, port = _addr(parts[2])
+            out.append(f"{ip}:{port}")
     return tuple(out)
 
 
@@ -82,8 +84,9 @@ def inspect_pids(pids: list[int]) -> list[ProcView]:
         except OSError:
             pass
         inodes = {fd[len("socket:["):-1] for fd in fds if fd.startswith("socket:[")}
-        views.append(ProcView(pid, tuple(fds), tuple(sorted(maps)), _tcp_established(pid),
-                              _inet_sockets(pid, inodes) if inodes else ()))
+        rows = list(_net_rows(pid, ("tcp", "tcp6", "udp", "udp6")))   # read once per pid
+        views.append(ProcView(pid, tuple(fds), tuple(sorted(maps)), _tcp_established(rows),
+                              _inet_sockets(rows, inodes) if inodes else ()))
     return views
 
 

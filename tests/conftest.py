@@ -8,7 +8,6 @@ so nothing skips there.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -63,7 +62,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 # -- helpers (shared with bench/ and the cluster fixture: runtimed/devcluster.py) ------------
-from runtimed.devcluster import free_port_pair, mounts_under, runc_list  # noqa: E402
+from runtimed.devcluster import free_port_pair, mounts_under, runc_list, sdk_pointed_at  # noqa: E402
 
 
 @dataclass
@@ -245,7 +244,7 @@ def runtime(request):
     reason = integration_skip_reason()
     if reason:
         pytest.skip(reason)
-    from sdk.client import Client, reset_default_client
+    from sdk.client import Client
 
     state = Path(tempfile.mkdtemp(prefix="rtd-test-", dir="/var/tmp"))
     port = free_port_pair()
@@ -261,7 +260,6 @@ def runtime(request):
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     rt = Runtime(url=url, token="", state=state, port=port, proc=proc, log_path=log_path)
-    saved = {k: os.environ.get(k) for k in ("RUNTIMED_URL", "RUNTIMED_TOKEN")}
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         token_file = state / "token"
@@ -272,16 +270,9 @@ def runtime(request):
         rt.token = token_file.read_text().strip()
         rt.client = Client(url, rt.token)
         _wait_ready(rt, rt.client)
-        os.environ["RUNTIMED_URL"], os.environ["RUNTIMED_TOKEN"] = url, rt.token
-        reset_default_client()
-        yield rt
+        with sdk_pointed_at(url, rt.token):
+            yield rt
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reset_default_client()
         try:
             _stop(rt)
         finally:
@@ -301,3 +292,16 @@ def cuda_checkpoint_fake():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# -- for modules with their own LocalCluster `cluster` fixture and module-level `app` ---------
+@pytest.fixture(scope="module")
+def client(cluster):
+    from sdk.client import Client
+    return Client(cluster.url, cluster.token)
+
+
+@pytest.fixture(scope="module")
+def deployed(request, cluster, client):
+    with request.module.app.run(client=client, show_progress=False):
+        yield request.module.app

@@ -25,7 +25,6 @@ import pytest
 from runtimed.devcluster import LocalCluster, running, wait_for
 from runtimed.redis_local import redis_server_binary
 from sdk import App, FunctionCall, Image
-from sdk.client import Client
 from sdk.exception import NodeUnavailableError
 from sdk.serialization import dumps_args
 
@@ -92,19 +91,9 @@ def cluster():
     pytest.importorskip("redis")
     cl = LocalCluster(backend="redis", nodes=3, python=PYTHON,
                       env={"RUNTIMED_MAX_PENDING": str(BOUND), "RUNTIMED_RECLAIM_IDLE_S": "5"})
-    with running(cl, keep_state=bool(os.environ.get("RUNTIMED_TEST_KEEP_LOG"))):
+    with running(cl):
         yield cl
 
-
-@pytest.fixture(scope="module")
-def client(cluster):
-    return Client(cluster.url, cluster.token)
-
-
-@pytest.fixture(scope="module")
-def deployed(cluster, client):
-    with app.run(client=client, show_progress=False):
-        yield app
 
 
 # -- helpers ----------------------------------------------------------------------------------------

@@ -97,19 +97,9 @@ def cluster(fake_tool):
     cl = LocalCluster(backend="sqlite", nodes=1, python=PYTHON,
                       node_env={"RUNTIMED_FAKE_GPUS": "a10g_1x",
                                 "RUNTIMED_CUDA_CHECKPOINT": fake_tool[1]})
-    with running(cl, keep_state=bool(os.environ.get("RUNTIMED_TEST_KEEP_LOG"))):
+    with running(cl):
         yield cl
 
-
-@pytest.fixture(scope="module")
-def client(cluster):
-    return Client(cluster.url, cluster.token)
-
-
-@pytest.fixture(scope="module")
-def deployed(cluster, client):
-    with app.run(client=client, show_progress=False):
-        yield app
 
 
 def _node(cluster):

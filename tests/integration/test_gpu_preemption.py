@@ -19,7 +19,6 @@ import pytest
 
 from runtimed.devcluster import LocalCluster, running, wait_for
 from sdk import App, Image
-from sdk.client import Client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,19 +53,9 @@ def peer(x):
 def cluster():
     cl = LocalCluster(backend="sqlite", nodes=1, python=PYTHON,
                       node_env={"RUNTIMED_FAKE_GPUS": "a10g_1x"})
-    with running(cl, keep_state=bool(os.environ.get("RUNTIMED_TEST_KEEP_LOG"))):
+    with running(cl):
         yield cl
 
-
-@pytest.fixture(scope="module")
-def client(cluster):
-    return Client(cluster.url, cluster.token)
-
-
-@pytest.fixture(scope="module")
-def deployed(cluster, client):
-    with app.run(client=client, show_progress=False):
-        yield app
 
 
 def record(client, cid) -> dict:

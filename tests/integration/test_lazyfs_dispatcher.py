@@ -4,7 +4,6 @@ mounted lazily with `lazyfs.mount_layer(digest, dispatcher_url, token)` and read
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -12,21 +11,10 @@ from pathlib import Path
 import pytest
 
 from lazyfs import DispatcherBlobSource, mount_layer, open_estargz, write_layer
-from lazyfs.testing import make_layer, snapshot
-
-
-def _skip_reason() -> str | None:
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (apt-get install fuse3)"
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError:
-        return "pyfuse3 is not installed in this venv (pip install pyfuse3)"
-    return None
-
+from lazyfs.testing import fuse_skip_reason, make_layer, snapshot
 
 pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+              pytest.mark.skipif(fuse_skip_reason() is not None, reason=str(fuse_skip_reason()))]
 
 
 def _upload(runtime, path: Path, digest: str) -> None:

@@ -21,30 +21,30 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs import FileBlobSource, MountSpec, SourceSpec, extract, mount, open_estargz, write_layer
+from lazyfs import (
+    FileBlobSource,
+    MountSpec,
+    SourceSpec,
+    extract,
+    mount,
+    open_estargz,
+    write_layer,
+)
 from lazyfs.devregistry import LocalRegistry
 from lazyfs.registry import RegistryClient
-from lazyfs.testing import make_layer, oci_archive, read_oci_archive, snapshot
+from lazyfs.testing import (
+    fuse_skip_reason,
+    make_layer,
+    oci_archive,
+    read_oci_archive,
+    snapshot,
+)
 from lazyfs.toc import TOC_DIGEST_ANNOTATION
 
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "containerd interop tests need root"
-    for tool, pkg in (("containerd", "containerd"), ("ctr", "containerd"),
-                      ("ctr-remote", "stargz-snapshotter"), ("docker-registry", "docker-registry"),
-                      ("fusermount3", "fuse3")):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (apt-get install {pkg})"
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError:
-        return "pyfuse3 is not installed in this venv (pip install pyfuse3)"
-    return None
-
-
+SKIP = fuse_skip_reason(("containerd", "containerd"), ("ctr", "containerd"),
+                        ("ctr-remote", "stargz-snapshotter"), ("docker-registry", "docker-registry"))
 pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+              pytest.mark.skipif(SKIP is not None, reason=str(SKIP))]
 NS = "lazyfs-test"
 CONFIG = """version = 2
 root = "{d}/root"

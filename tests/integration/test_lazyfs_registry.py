@@ -14,29 +14,22 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs import FileBlobSource, MountSpec, SourceSpec, mount, open_estargz, write_layer
+from lazyfs import (
+    FileBlobSource,
+    MountSpec,
+    SourceSpec,
+    mount,
+    open_estargz,
+    write_layer,
+)
 from lazyfs.devregistry import LocalRegistry
 from lazyfs.registry import RegistryClient
-from lazyfs.testing import make_layer
+from lazyfs.testing import fuse_skip_reason, make_layer
 from lazyfs.toc import TOC_DIGEST_ANNOTATION
 
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "lazyfs registry tests need root (FUSE mounts)"
-    for tool, pkg in (("docker-registry", "docker-registry"), ("skopeo", "skopeo"),
-                      ("fusermount3", "fuse3")):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (apt-get install {pkg})"
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError:
-        return "pyfuse3 is not installed in this venv (pip install pyfuse3)"
-    return None
-
-
+SKIP = fuse_skip_reason(("docker-registry", "docker-registry"), ("skopeo", "skopeo"))
 pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+              pytest.mark.skipif(SKIP is not None, reason=str(SKIP))]
 NAME, TAG = "lazyfs/test", "v1"
 CHUNK = 256 * 1024
 BIG = 8_000_000

@@ -8,7 +8,10 @@ import json
 import uuid
 
 import pytest
-from test_backend_conformance import redis_url  # noqa: F401 - the shared fixture
+from test_backend_conformance import (
+    redis_url,  # noqa: F401 - the shared fixture
+    take_all,
+)
 
 from runtimed.store import NewCall
 
@@ -25,16 +28,6 @@ def make(redis_url):  # noqa: F811
     return make
 
 
-async def _take(store, n, timeout=2.0):
-    out = []
-    while len(out) < n:
-        got = await store.take(n - len(out), timeout)
-        if not got:
-            break
-        out += got
-    return out
-
-
 def test_replicas_share_the_queue_and_each_call_goes_to_one(make):
     async def main():
         a, b = make("a"), make("b")
@@ -42,7 +35,7 @@ def test_replicas_share_the_queue_and_each_call_goes_to_one(make):
         await b.open()
         try:
             await a.submit([NewCall(f"c{i}", "fn", b"x") for i in range(20)], bound=100)
-            got_a, got_b = await asyncio.gather(_take(a, 10, 0.5), _take(b, 20, 0.5))
+            got_a, got_b = await asyncio.gather(take_all(a, 10, 0.5), take_all(b, 20, 0.5))
             ids = [c.call_id for c in got_a + got_b]
             assert sorted(ids) == sorted(f"c{i}" for i in range(20))      # each exactly once
             assert {r["name"] for r in await a.replicas()} == {"a", "b"}
@@ -57,7 +50,7 @@ def test_calls_of_a_dead_replica_are_reclaimed(make):
         a = make("a", reclaim_idle_s=1)
         await a.open()
         await a.submit([NewCall("c1", "fn", b"args")], bound=10)
-        await _take(a, 1)
+        await take_all(a, 1)
         await a.set_status("c1", "running")
         await a.close()                        # dies with the call taken, not finished
         b = make("b", reclaim_idle_s=1)
@@ -65,7 +58,7 @@ def test_calls_of_a_dead_replica_are_reclaimed(make):
         try:
             assert await b.take(5, 0.1) == []            # not idle long enough yet
             await asyncio.sleep(1.2)                      # b's reclaim loop takes it over
-            (again,) = await _take(b, 1, 1.0)
+            (again,) = await take_all(b, 1, 1.0)
             assert again.call_id == "c1" and again.args == b"args"
             assert await b.finish(again, "succeeded", result="{}") is True
             assert await b.reclaim() == 0                 # acknowledged: gone for good
@@ -85,14 +78,14 @@ def test_a_live_replica_keeps_its_calls_and_a_stalled_one_loses_them(make):
         await b.open()
         try:
             await a.submit([NewCall("c1", "fn", b"")], bound=10)
-            await _take(a, 1)
+            await take_all(a, 1)
             await asyncio.sleep(1.5)                      # a refreshes every 0.5 s
             assert await b.reclaim() == 0
             assert await b.take(5, 0.1) == []
             for t in a._tasks:                            # a stalls: no more refreshes
                 t.cancel()
             await asyncio.sleep(1.2)                      # b's reclaim loop takes it over
-            (stolen,) = await _take(b, 1, 1.0)
+            (stolen,) = await take_all(b, 1, 1.0)
             assert stolen.call_id == "c1"
             await a.refresh_claims()                      # a wakes up and finds out
             assert lost == ["c1"]
@@ -113,7 +106,7 @@ def test_other_replicas_hear_of_results_and_logs(make):
         try:
             await asyncio.sleep(0.3)                      # subscriptions are up
             await a.submit([NewCall("c1", "fn", b"")], bound=10)
-            (claim,) = await _take(a, 1)
+            (claim,) = await take_all(a, 1)
             await a.append_logs("c1", [("stdout", "hi\n")])
             await a.set_status("c1", "running")
             await a.finish(claim, "succeeded", result=json.dumps({"ok": True}))
@@ -134,7 +127,7 @@ def test_a_finished_call_expires_and_leaves_the_listing(make):
         await s.open()
         try:
             await s.submit([NewCall("c1", "fn", b"")], bound=10)
-            (claim,) = await _take(s, 1)
+            (claim,) = await take_all(s, 1)
             await s.set_status("c1", "running")
             await s.finish(claim, "succeeded", result="{}")
             assert 0 < await s.r.ttl(s.k("call", "c1")) <= 60
