@@ -87,6 +87,7 @@ class Node:
         await self._cleanup_stale()
         await asyncio.get_running_loop().run_in_executor(
             None, criu_env.refresh_kdat_cache, str(self.paths.criu))
+        log.info("cgroup migration lock: %s", cgroups.favor_dynmods())
         agent_dir = agentfs.prepare(self.dir / "a")
         empty = self.dir / "empty"
         empty.mkdir(exist_ok=True)

@@ -26,7 +26,7 @@ from sdk.exception import SnapshotError
 from snapshot.fingerprint import current_fingerprint
 from snapshot.guard import find_blockers, inet_sockets_dumpable, inspect_pids
 from snapshot.manifest import Fingerprint, SnapshotManifest, new_snapshot_id
-from snapshot import transfer, workingset
+from snapshot import criu_image, transfer, workingset
 from snapshot.store import (SnapshotCorruptError, SnapshotIncompatible, SnapshotStore)
 from snapshot.transfer import PullStats
 
@@ -151,6 +151,7 @@ class SnapshotManager:
             try:
                 await self.runc.checkpoint(c.id, tmp, self.work / f"{c.id}-criu")
                 timings["dump_ms"] = (time.perf_counter() - t) * 1000
+                criu_image.skip_network_lock(tmp)
             except Exception as e:
                 kept = self.root / "failed" / f"{c.id}-dump.log"
                 kept.parent.mkdir(exist_ok=True)

@@ -19,8 +19,9 @@ pieces keeps every page at its offset.
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass
+
+from . import criu_image
 
 PAGE = 4096
 PE_PARENT, PE_LAZY, PE_PRESENT = 1, 2, 4
@@ -31,7 +32,7 @@ CLUSTER_PAGES = 16
 _PF = re.compile(rb"#PF at 0x([0-9a-f]+)")
 
 
-class PagemapError(ValueError):
+class PagemapError(criu_image.ImageError):
     pass
 
 
@@ -52,80 +53,37 @@ def faulted_pages(lazy_pages_log: bytes) -> set[int]:
     return {int(m.group(1), 16) & ~(PAGE - 1) for m in _PF.finditer(lazy_pages_log)}
 
 
-# -- protobuf, the little of it a pagemap needs ------------------------------------------------
-def _varint(b: bytes, i: int) -> tuple[int, int]:
-    r = shift = 0
-    while True:
-        if i >= len(b):
-            raise PagemapError("truncated varint")
-        c = b[i]
-        i += 1
-        r |= (c & 0x7F) << shift
-        shift += 7
-        if not c & 0x80:
-            return r, i
-
-
-def _enc_varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _fields(msg: bytes) -> dict[int, int]:
-    i, out = 0, {}
-    while i < len(msg):
-        key, i = _varint(msg, i)
-        if key & 7 != 0:
-            raise PagemapError(f"unexpected wire type {key & 7} in a pagemap entry")
-        out[key >> 3], i = _varint(msg, i)
-    return out
-
-
 def read_pagemap(data: bytes) -> tuple[bytes, bytes, list[Entry]]:
     """(magic prefix, head message, entries)."""
     if len(data) < 12:
         raise PagemapError("pagemap image too short")
-    prefix, i, msgs = data[:8], 8, []
-    while i < len(data):
-        if i + 4 > len(data):
-            raise PagemapError("truncated message length")
-        (n,) = struct.unpack_from("<I", data, i)
-        if i + 4 + n > len(data):
-            raise PagemapError("truncated message")
-        msgs.append(data[i + 4:i + 4 + n])
-        i += 4 + n
-    if not msgs:
-        raise PagemapError("pagemap image has no head")
-    entries = []
-    for m in msgs[1:]:
-        f = _fields(m)
-        if 1 not in f or 2 not in f:
-            raise PagemapError("pagemap entry without vaddr/nr_pages")
-        entries.append(Entry(f[1], f[2], f.get(4, PE_PRESENT),
-                             bool(f[3]) if 3 in f else None))
+    try:
+        prefix, msgs = criu_image.read_messages(data)
+        if not msgs:
+            raise PagemapError("pagemap image has no head")
+        entries = []
+        for m in msgs[1:]:
+            f = criu_image.varint_fields(m)
+            if 1 not in f or 2 not in f:
+                raise PagemapError("pagemap entry without vaddr/nr_pages")
+            entries.append(Entry(f[1], f[2], f.get(4, PE_PRESENT),
+                                 bool(f[3]) if 3 in f else None))
+    except criu_image.ImageError as e:
+        raise PagemapError(str(e)) from None
     return prefix, msgs[0], entries
 
 
 def _enc_entry(e: Entry) -> bytes:
-    body = b"\x08" + _enc_varint(e.vaddr) + b"\x10" + _enc_varint(e.nr_pages)
+    enc = criu_image.enc_varint
+    body = b"\x08" + enc(e.vaddr) + b"\x10" + enc(e.nr_pages)
     if e.in_parent is not None:
-        body += b"\x18" + _enc_varint(int(e.in_parent))
-    body += b"\x20" + _enc_varint(e.flags)
+        body += b"\x18" + enc(int(e.in_parent))
+    body += b"\x20" + enc(e.flags)
     return body
 
 
 def write_pagemap(prefix: bytes, head: bytes, entries: list[Entry]) -> bytes:
-    out = bytearray(prefix)
-    for m in [head] + [_enc_entry(e) for e in entries]:
-        out += struct.pack("<I", len(m)) + m
-    return bytes(out)
+    return criu_image.write_messages(prefix, [head] + [_enc_entry(e) for e in entries])
 
 
 # -- the rewrite ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sdk import App, Image, enter, method
+from snapshot import criu_image
 from sdk.exception import NodeUnavailableError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -222,7 +223,7 @@ def deployed(runtime):
         yield app
 
 
-def test_first_call_snapshots_and_later_cold_starts_restore(deployed):
+def test_first_call_snapshots_and_later_cold_starts_restore(deployed, runtime):
     out, info = _cold_call(entropy, "a")
     assert info["tier"] == "cold" and "taken" in info.get("snapshot", ""), info
     seen = [out]
@@ -232,6 +233,10 @@ def test_first_call_snapshots_and_later_cold_starts_restore(deployed):
         assert "restored" in info["snapshot"]
         assert _restore_span() in info["spans"]
         seen.append(out)
+    # Restores skip CRIU's network lock (the dump is patched; see criu_image.py).
+    hot = runtime.node_dir / "s" / "hot" / info["snapshot"].split()[1]
+    prefix, msgs = criu_image.read_messages((hot / criu_image.INVENTORY).read_bytes(), 4)
+    assert (11, 0, b"\x58\x02") in criu_image.fields(msgs[0])
     # Two restores of one snapshot must not share random streams or ids.
     assert len({s[1] for s in seen}) == 3
     assert len({s[2] for s in seen}) == 3
