@@ -27,6 +27,7 @@ from .tree import Chunk, Node
 log = logging.getLogger("lazyfs")
 MAX_PREFETCH_REQUEST = 32 << 20      # one range request of the prefetch covers at most this
 FIRST_PREFETCH_REQUEST = 1 << 20     # ... and its first one this (then twice the last)
+PREFETCH_WORKERS = 4                 # at most this many threads inflate and verify chunks
 
 __all__ = ["LayerView", "Recorder", "load_recorded"]
 
@@ -193,21 +194,10 @@ class LayerView:
             ev.set()
 
     # -- prefetch ------------------------------------------------------------------------
-    def prefetch(self, stop: threading.Event | None = None, *, everything: bool = False,
-                 on_progress: Callable[[], None] | None = None,
-                 on_chunk: Callable[[Chunk, bytes], object] | None = None,
-                 cache_skip: Callable[[Chunk], bool] | None = None) -> int:
-        """Fetch the prioritized area (all chunks if `everything`) in few large ranges.
-
-        The first range is small (FIRST_PREFETCH_REQUEST) and each next one twice as large,
-        up to MAX_PREFETCH_REQUEST, so the files needed first arrive first; the next range
-        is downloaded while the current one is decoded, and each chunk is handed to the
-        readers waiting for it as soon as it is stored. Returns the number of chunks
-        stored; `on_chunk(chunk, data)` is given each one as it is stored, and chunks for
-        which `cache_skip(chunk)` is true go to `on_chunk` only, not into the cache. Errors end the
-        prefetch (reads still fetch on demand) and are logged; this
-        never raises LazyFSError.
-        """
+    def _prefetch_ranges(self, everything: bool) -> tuple[list[tuple[list[Chunk], int, int]], int]:
+        """Pure planning: the chunks to prefetch (not cached yet) grouped into range
+        requests, first FIRST_PREFETCH_REQUEST bytes, each next twice as large up to
+        MAX_PREFETCH_REQUEST; returns (ranges as (chunks, start, end), chunk count)."""
         limit = self.blob.toc_offset if everything else self.tree.prefetch_end
         todo = [c for c in self.tree.chunks_in_order
                 if c.offset < limit and not self.cache.has(c.digest)]
@@ -220,6 +210,28 @@ class LayerView:
             j = max(j, i + 1)
             ranges.append((todo[i:j], start, max(c.end for c in todo[i:j])))
             i, size = j, min(size * 2, MAX_PREFETCH_REQUEST)
+        return ranges, len(todo)
+
+    def prefetch(self, stop: threading.Event | None = None, *, everything: bool = False,
+                 on_progress: Callable[[], None] | None = None,
+                 on_chunk: Callable[[Chunk, bytes], object] | None = None,
+                 cache_skip: Callable[[Chunk], bool] | None = None,
+                 workers: int | None = None) -> int:
+        """Fetch the prioritized area (all chunks if `everything`) in few large ranges.
+
+        The first range is small (FIRST_PREFETCH_REQUEST) and each next one twice as large,
+        up to MAX_PREFETCH_REQUEST, so the files needed first arrive first; the next range
+        is downloaded while the current one is decoded. Each range's chunks are inflated,
+        verified and stored by `workers` threads at once (default: one per CPU; zlib,
+        hashlib and file writes release the GIL), each chunk handed to the readers waiting
+        for it as soon as it is stored. Returns the number of chunks stored;
+        `on_chunk(chunk, data)` is given each one as it is stored (from those threads, so it
+        must be thread-safe), and chunks for which `cache_skip(chunk)` is true go to
+        `on_chunk` only, not into the cache. Errors end the prefetch (reads still fetch on
+        demand) and are logged; this never raises LazyFSError.
+        """
+        ranges, total = self._prefetch_ranges(everything)
+        workers = max(1, workers or min(PREFETCH_WORKERS, os.cpu_count() or 1))
         self.counters.prefetch_state = "running"
         stored, t0 = 0, time.monotonic()
 
@@ -233,62 +245,87 @@ class LayerView:
                 self._release(claimed)
                 raise
 
-        def store(c: Chunk, data: bytes, ev: threading.Event | None) -> None:
+        def store(group: list[tuple[Chunk, threading.Event | None]], buf: memoryview,
+                  start: int) -> int:
+            """Inflate, verify and store `group` (one task); releases every claim in it."""
+            done = 0
             try:
-                if cache_skip is None or not cache_skip(c):
-                    self.cache.put(c.digest, data, verified=True)
-                if on_chunk is not None:
-                    on_chunk(c, data)
-            finally:
-                if ev is not None:
-                    self._release({c.digest: ev})
+                for c, ev in group:
+                    try:
+                        data = decode_chunk(c, buf[c.offset - start: c.end - start])
+                        if cache_skip is None or not cache_skip(c):
+                            self.cache.put(c.digest, data, verified=True)
+                        if on_chunk is not None:
+                            on_chunk(c, data)
+                        done += 1
+                    finally:
+                        if ev is not None:
+                            self._release({c.digest: ev})
+            finally:                  # after a failure: the claims of the rest go too
+                rest = {c.digest: e for c, e in group[done + 1:] if e is not None}
+                if rest:
+                    self._release(rest)
+            return done
 
-        pool = ThreadPoolExecutor(1, thread_name_prefix="lazyfs-prefetch")
-        # chunks are stored (cache file, on_chunk) by a second thread while this one
-        # decodes and verifies the next: both spend most of their time outside the GIL
-        storer = ThreadPoolExecutor(1, thread_name_prefix="lazyfs-store")
-        stores: list[Future] = []
-        ahead = pool.submit(download, 0) if ranges else None
+        def groups(chunks: list[Chunk], claimed: dict[str, threading.Event]):
+            """The range's chunks in about 2 * workers tasks of similar decoded size."""
+            target = max(1, sum(c.size for c in chunks) // (2 * workers))
+            group: list[tuple[Chunk, threading.Event | None]] = []
+            size = 0
+            for c in chunks:
+                group.append((c, claimed.pop(c.digest, None)))
+                size += c.size
+                if size >= target:
+                    yield group
+                    group, size = [], 0
+            if group:
+                yield group
+
+        fetcher = ThreadPoolExecutor(1, thread_name_prefix="lazyfs-prefetch")
+        decoders = ThreadPoolExecutor(workers, thread_name_prefix="lazyfs-decode")
+        tasks: list[Future] = []
+        ahead = fetcher.submit(download, 0) if ranges else None
         try:
             for k, (chunks, start, _) in enumerate(ranges):
                 assert ahead is not None
                 claimed, buf = ahead.result()
                 ahead = None
                 if k + 1 < len(ranges) and not (stop is not None and stop.is_set()):
-                    ahead = pool.submit(download, k + 1)
-                behind = len(stores)
+                    ahead = fetcher.submit(download, k + 1)
+                behind = len(tasks)
                 try:
-                    for c in chunks:
-                        data = decode_chunk(c, buf[c.offset - start: c.end - start])
-                        stores.append(storer.submit(store, c, data, claimed.pop(c.digest, None)))
+                    view = memoryview(buf)
+                    for group in groups(chunks, claimed):
+                        tasks.append(decoders.submit(store, group, view, start))
                 finally:
-                    self._release(claimed)
-                if behind:                  # at most one range's decoded chunks wait
-                    stores[behind - 1].result()
+                    self._release(claimed)       # none left unless two chunks share a digest
+                # at most two ranges' chunks are decoded at once (bounds the memory):
+                # wait for the one before this
+                for f in tasks[:behind]:
+                    stored += f.result()
+                del tasks[:behind]
                 with self._lock:
                     self.counters.prefetched_chunks += len(chunks)
                 if on_progress is not None:
                     on_progress()
                 if ahead is None:
                     break
-            storer.shutdown(wait=True)
-            stored = sum(1 for f in stores if f.exception() is None)
-            failed = next((f.exception() for f in stores if f.exception() is not None), None)
-            if failed is not None:
-                raise failed
-            self.counters.prefetch_state = "done" if stored == len(todo) else "stopped"
-            log.info("prefetch: %d chunks in %d ranges in %.2fs", stored, len(ranges),
-                     time.monotonic() - t0)
+            for f in tasks:
+                stored += f.result()
+            tasks.clear()
+            self.counters.prefetch_state = "done" if stored == total else "stopped"
+            log.info("prefetch: %d chunks in %d ranges in %.2fs (%d decoding threads)",
+                     stored, len(ranges), time.monotonic() - t0, workers)
         except (LazyFSError, OSError) as e:
             self.counters.prefetch_state = f"failed: {e}"
             log.warning("prefetch stopped after %d chunks: %s", stored, e)
         finally:
-            storer.shutdown(wait=True)  # every claim handed to a store is released
-            if ahead is not None:       # stopped or failed with a download under way
+            decoders.shutdown(wait=True)  # every claim handed to a task is released
+            if ahead is not None:         # stopped or failed with a download under way
                 # a failed download released its claim itself
                 with contextlib.suppress(Exception):
                     self._release(ahead.result()[0])
-            pool.shutdown(wait=False)
+            fetcher.shutdown(wait=False)
         return stored
 
     def prefetch_workset(self, dest: str | os.PathLike, stop: threading.Event | None = None,
@@ -315,18 +352,12 @@ class LayerView:
             if failed or writer is None:
                 return
             try:
-                writer.chunk(c, data)
+                writer.chunk(c, data)        # in the decoding threads: the writer is thread-safe
             except OSError as e:
                 failed.append(e)
-        # a third thread: the writes overlap the decoding and the cache's stores
-        pool = ThreadPoolExecutor(1, thread_name_prefix="lazyfs-workset")
-        try:
-            in_dir = set(writer.by_digest) if writer is not None and only else set()
-            self.prefetch(stop, on_chunk=None if writer is None else
-                          lambda c, data: pool.submit(write, c, data),
-                          cache_skip=(lambda c: c.digest in in_dir) if in_dir else None)
-        finally:
-            pool.shutdown(wait=True)
+        in_dir = set(writer.by_digest) if writer is not None and only else set()
+        self.prefetch(stop, on_chunk=None if writer is None else write,
+                      cache_skip=(lambda c: c.digest in in_dir) if in_dir else None)
         if plan.empty:
             out = {"state": "none"}
         elif writer is None:

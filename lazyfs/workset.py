@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,10 +112,11 @@ class WorksetWriter:
     Construction creates the directories and the symlinks (regular files are created by
     their first write);
     `chunk(c, data)` writes a verified chunk into every working-set file holding it, as the
-    prefetch decodes it (so the data is written once, straight from memory); `finish`
-    reads the chunks no `chunk` call brought (e.g. already in the chunk cache), gives every
-    entry its attributes and renames the dir into place; `abort` removes it. Not
-    thread-safe: one thread calls `chunk` at a time, `finish` after the last.
+    prefetch decodes it (so the data is written once, straight from memory; several
+    threads may call it at once, each place is written once); `finish` (after the last
+    `chunk` call returned) reads the chunks no `chunk` call brought (e.g. already in the
+    chunk cache), gives every entry its attributes and renames the dir into place;
+    `abort` removes it.
 
     Files are not fsynced: the ws dir is a cache a node rebuilds at every mount (it deletes
     a leftover before mounting), never the only copy of anything.
@@ -134,7 +136,9 @@ class WorksetWriter:
         self.left: dict[int, set[int]] = {}              # inode -> file offsets still missing
         self.by_digest: dict[str, list[tuple[int, Chunk]]] = {}
         self.created: set[int] = set()
-        self._open: tuple[int, int] | None = None        # (inode, fd) being written
+        self._lock = threading.Lock()
+        self._fds: dict[int, int] = {}                   # inode -> fd of a file being written
+        self._busy: dict[int, int] = {}                  # inode -> writes under way
         try:
             self._create()
         except BaseException:
@@ -163,7 +167,7 @@ class WorksetWriter:
                 continue                                 # other names: linked in finish
             if stat.S_ISLNK(node.mode):
                 os.symlink(node.link_target, path)
-            elif node.is_reg:              # created by its first write (in the writer's thread)
+            elif node.is_reg:              # created by its first write
                 self.left[node.ino] = {c.file_offset for c in node.chunks}
                 for c in node.chunks:
                     self.by_digest.setdefault(c.digest, []).append((node.ino, c))
@@ -171,44 +175,63 @@ class WorksetWriter:
                 raise UnsafeEntryError(name, "only regular files and symlinks go to a working set")
             self.first[node.ino] = path
 
-    def _fd(self, ino: int) -> int:
-        """The open file of `ino` (the last one written stays open: chunks of a file come
-        one after another); created here, exclusively, on its first write."""
-        if self._open is not None:
-            if self._open[0] == ino:
-                return self._open[1]
-            os.close(self._open[1])
-            self._open = None
-        flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        if ino not in self.created:
-            flags |= os.O_CREAT | os.O_EXCL
-        fd = os.open(self.first[ino], flags, 0o600)
-        self.created.add(ino)
-        self._open = (ino, fd)
-        return fd
+    def _take(self, c: Chunk) -> list[tuple[int, Chunk, int]]:
+        """Claim the places `c` goes to that no one wrote yet: (inode, chunk there, fd);
+        each file is created, exclusively, on its first claim. Under the lock."""
+        out = []
+        for ino, at in self.by_digest.get(c.digest, ()):
+            left = self.left[ino]
+            if at.file_offset not in left:
+                continue
+            fd = self._fds.get(ino)
+            if fd is None:
+                flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                if ino not in self.created:
+                    flags |= os.O_CREAT | os.O_EXCL
+                fd = self._fds[ino] = os.open(self.first[ino], flags, 0o600)
+                self.created.add(ino)
+            left.discard(at.file_offset)
+            self._busy[ino] = self._busy.get(ino, 0) + 1
+            out.append((ino, at, fd))
+        return out
 
-    def _write(self, ino: int, c: Chunk, data: bytes) -> None:
-        os.pwrite(self._fd(ino), data, c.file_offset)
-        self.bytes += len(data)
-        self.left[ino].discard(c.file_offset)
+    def _done(self, ino: int, n: int) -> None:
+        """One write to `ino` ended (`n` bytes): its file is closed once nothing of it is
+        left to write and no write is under way. Under the lock."""
+        self.bytes += n
+        self._busy[ino] -= 1
+        if not self._busy[ino] and not self.left[ino]:
+            del self._busy[ino]
+            os.close(self._fds.pop(ino))
 
     def chunk(self, c: Chunk, data: bytes) -> None:
-        """Write the verified chunk `c` wherever the working set holds it."""
-        for ino, at in self.by_digest.get(c.digest, ()):
-            if at.file_offset in self.left[ino]:
-                self._write(ino, at, data)
+        """Write the verified chunk `c` wherever the working set holds it. Thread-safe:
+        the prefetch's decoding threads call it at once (their pwrites run in parallel)."""
+        with self._lock:
+            places = self._take(c)
+        for ino, at, fd in places:
+            n = 0
+            try:
+                n = os.pwrite(fd, data, at.file_offset)
+                if n != len(data):
+                    raise OSError(f"short write to {self.first[ino]}: {n} of {len(data)} bytes")
+            finally:
+                with self._lock:
+                    self._done(ino, n)
 
     def finish(self, read_chunk: Callable[[Chunk], bytes]) -> WorksetStats:
         """Complete and publish the dir; `read_chunk` returns a missing chunk's verified
         bytes. On failure the temp dir is removed and the error raised."""
         try:
             tree, root = self.tree, str(self.tmp)
-            for ino, offsets in self.left.items():
+            for ino in list(self.left):
                 for c in tree.nodes[ino].chunks:
-                    if c.file_offset in offsets:
-                        self._write(ino, c, read_chunk(c))
+                    if c.file_offset in self.left[ino]:
+                        self.chunk(c, read_chunk(c))
                 if ino not in self.created:     # empty files
-                    self._fd(ino)
+                    os.close(os.open(self.first[ino], os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+                    self.created.add(ino)
             self._close()
             for name in self.plan.files + self.plan.symlinks:
                 node = tree.nodes[tree.paths[name]]
@@ -230,9 +253,11 @@ class WorksetWriter:
                             seconds=round(time.monotonic() - self.t0, 3))
 
     def _close(self) -> None:
-        if self._open is not None:
-            os.close(self._open[1])
-            self._open = None
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+            self._busy.clear()
+        for fd in fds:
+            os.close(fd)
 
     def abort(self) -> None:
         self._close()

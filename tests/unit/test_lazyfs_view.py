@@ -237,3 +237,47 @@ def test_prefetch_ranges_start_small_and_grow(tmp_path: Path):
     assert sizes[0] <= view_mod.FIRST_PREFETCH_REQUEST and len(sizes) >= 2, sizes
     assert sizes == sorted(sizes[:-1]) + sizes[-1:]   # growing (the last may be a remainder)
     assert view.status()["prefetch"] == "done"
+
+
+def _many_files(tmp_path: Path, n: int = 40):
+    import os
+    d = tmp_path / "many"
+    (d / "lib").mkdir(parents=True)
+    names = []
+    for i in range(n):                        # incompressible, some of several chunks
+        (d / f"lib/m{i:02}.so").write_bytes(os.urandom((i % 5 + 1) * 40_000))
+        names.append(f"lib/m{i:02}.so")
+    b = write_layer(d, tmp_path / "m.esgz", chunk_size=CHUNK, prioritized=names)
+    src = CountingSource(FileBlobSource(b.path))
+    blob = open_estargz(src, b.toc_digest)
+    src.reads.clear()
+    return d, names, src, LayerView(blob, ChunkCache(tmp_path / "cache"))
+
+
+def test_prefetch_in_several_threads_writes_the_working_set_dir(tmp_path: Path):
+    d, names, src, view = _many_files(tmp_path)
+    out = view.prefetch_workset(tmp_path / "ws", only=True)
+    assert out["state"] == "done" and out["files"] == len(names)
+    for n in names:
+        assert (tmp_path / "ws" / n).read_bytes() == (d / n).read_bytes()
+    assert view.cache.total_bytes() == 0          # only: the chunks went to the dir alone
+    assert view.status()["prefetch"] == "done"
+
+
+def test_a_bad_chunk_fails_the_prefetch_and_releases_every_waiting_reader(tmp_path: Path):
+    d, names, src, view = _many_files(tmp_path)
+    bad = view.tree.lookup(names[7]).chunks[0]
+    real_read = src.read
+
+    def corrupting(offset, length):               # flips a byte inside one chunk's member
+        data = bytearray(real_read(offset, length))
+        if offset <= bad.offset + 20 < offset + length:
+            data[bad.offset + 20 - offset] ^= 0xFF
+        return bytes(data)
+    src.read = corrupting
+    stored = view.prefetch(workers=4)
+    assert stored < len(view.tree.chunks_in_order) - 1
+    assert view.status()["prefetch"].startswith("failed")
+    assert not view._inflight                     # no reader can wait for a claim forever
+    src.read = real_read
+    assert view.read(_ino(view, names[7]), 0, 10) == (d / names[7]).read_bytes()[:10]

@@ -114,3 +114,42 @@ def test_layer_store_stacks_a_complete_working_set_above_the_lazy_mount(tmp_path
     (store.path(key) / "fs").mkdir(parents=True)
     (store.path(key) / ".rtd-complete").touch()
     assert store.lower_dirs(key) == [store.path(key) / "fs"]    # local now: neither
+
+
+def test_chunks_from_many_threads_write_each_place_once_and_close_every_file(tmp_path: Path):
+    import hashlib
+    import threading
+    # 40 files of 3 chunks; files 0-19 and 20-39 have the same content (chunk digests
+    # shared between files), so two threads may bring the same bytes for two places
+    size, chunks, nodes = 4, 3, {}
+
+    def body(i: int, k: int) -> bytes:
+        return bytes([65 + i % 20, 48 + k]) * (size // 2)
+    for i in range(40):
+        cs = tuple(Chunk(offset=0, end=1, inner_offset=0, file_offset=k * size, size=size,
+                         digest="sha256:" + hashlib.sha256(body(i, k)).hexdigest())
+                   for k in range(chunks))
+        nodes[f"f{i:02}"] = Node(ino=2 + i, name=f"f{i:02}", mode=stat.S_IFREG | 0o644,
+                                 size=size * chunks, chunks=cs)
+    tree = _tree(nodes, tuple(nodes))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    w = WorksetWriter(tree, plan_workset(tree), tmp_path / "ws")
+    work = [(c, body(int(n[1:]), c.file_offset // size))
+            for n, node in nodes.items() for c in node.chunks]
+    start = threading.Barrier(8)
+
+    def run(k: int) -> None:
+        start.wait()
+        for c, data in work[k::8] + work[(k + 4) % 8::8]:    # every chunk twice
+            w.chunk(c, data)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(os.listdir("/proc/self/fd")) == fds_before     # each file closed when complete
+    st = w.finish(lambda c: pytest.fail(f"chunk {c} was not written"))
+    assert st.bytes == 40 * size * chunks                      # each place written once
+    for n in nodes:
+        assert (tmp_path / "ws" / n).read_bytes() == b"".join(
+            body(int(n[1:]), k) for k in range(chunks))
