@@ -49,6 +49,8 @@ WORKSET_WAIT_S = 60.0                # the longest a mount waits for its working
 PULL_DEFER_S = 30.0                  # the longest a full pull waits for the first call
 PRUNE_INTERVAL_S = 30.0
 DEFAULT_CACHE_BUDGET_MB = 4096
+DEFAULT_WORKSET_TMPFS = "25%"        # tmpfs size for working-set dirs ("0": node's disk)
+WORKSET_RELEASE_S = 60.0             # a local layer's unused working-set dir goes after this
 
 
 def _env_int(name: str, default: int) -> int:
@@ -72,6 +74,14 @@ class LazyLayers:
         self.dir, self.layers, self.blobs = node_dir, layers, blobs
         self.mount_dir = node_dir / "lz"
         self.cache_dir = node_dir / "lazy-cache"
+        # working-set dirs live on a tmpfs: they are rebuilt at every mount (never the only
+        # copy), and creating their ~1,000 files on the node's ext4 (no journal here) cost
+        # as much CPU as inflating them when many inodes were freed in the last minutes
+        # (each new inode skips the recently deleted ones); the RAM they take is given
+        # back once the layer is local and no container's overlay uses the dir any more
+        self.ws_root = self.mount_dir / "ws"
+        self.ws_tmpfs = os.environ.get("RUNTIMED_LAZY_WS_TMPFS", DEFAULT_WORKSET_TMPFS)
+        self._local_since: dict[str, float] = {}      # layer key -> when seen local (ws held)
         self.enabled = os.environ.get("RUNTIMED_LAZY_IMAGES", "1") != "0"
         self.prefetch = True            # mount-time prefetch of a blob's prioritized area
         policy = os.environ.get("RUNTIMED_LAZY_PULL", "defer")
@@ -97,10 +107,61 @@ class LazyLayers:
                 self.mount_dir / f"{k}.status.json")
 
     def _ws_dir(self, key: str) -> Path:
-        return self.mount_dir / f"{key[:16]}.ws"
+        return self.ws_root / key[:16]
+
+    def _mount_ws_root(self) -> None:
+        """The tmpfs for working-set dirs (a plain dir when that is off or fails)."""
+        self.ws_root.mkdir(parents=True, exist_ok=True)
+        if self.ws_tmpfs in ("", "0", "off") or os.path.ismount(self.ws_root):
+            return
+        import subprocess
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.ws_tmpfs},mode=0700",
+                            "runtimed-lazy-ws", str(self.ws_root)],
+                           capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            log.warning("no tmpfs for working-set dirs (%s): they go to the node's disk",
+                        r.stderr.strip())
+
+    def _unmount_ws_root(self) -> None:
+        if os.path.ismount(self.ws_root):
+            from .rootfs import umount
+            umount(str(self.ws_root))    # detached: a container still using a dir keeps it
+
+    @staticmethod
+    def _overlays_using(path: Path) -> bool:
+        """Whether any overlay mount has `path` among its lower dirs."""
+        want = str(path)
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                if " - overlay " in line and want in line:
+                    opts = line.rsplit(" ", 1)[-1]
+                    for opt in opts.split(","):
+                        if opt.startswith("lowerdir=") and want in opt[9:].split(":"):
+                            return True
+        return False
+
+    def release_worksets(self, grace_s: float = WORKSET_RELEASE_S) -> list[str]:
+        """Drop the working-set dirs of layers that are local now (new containers use the
+        local layer) once `grace_s` passed (a container being set up may still have chosen
+        the lazy lower dirs) and no overlay uses them: overlayfs lower dirs must not change
+        under a mounted overlay, so a dir in use stays. Returns the keys released."""
+        now, out = time.monotonic(), []
+        for key in list(self.layers.workset):
+            if not self.layers.has(key):
+                self._local_since.pop(key, None)
+                continue
+            since = self._local_since.setdefault(key, now)
+            if now - since < grace_s or self._overlays_using(self._ws_dir(key)):
+                continue
+            self._drop_workset(key)
+            out.append(key)
+        if out:
+            log.info("released the working-set dirs of %d local layers", len(out))
+        return out
 
     def _drop_workset(self, key: str) -> None:
         self.layers.workset.pop(key, None)
+        self._local_since.pop(key, None)
         ws = self._ws_dir(key)
         shutil.rmtree(ws, ignore_errors=True)
         for tmp in ws.parent.glob(f".tmp-{ws.name}-*"):
@@ -308,12 +369,14 @@ class LazyLayers:
         while True:
             try:
                 await self.prune()
+                await asyncio.get_running_loop().run_in_executor(None, self.release_worksets)
             except Exception as e:  # noqa: BLE001 - try again next round
-                log.warning("chunk cache pruning failed: %s", e)
+                log.warning("chunk cache pruning or working-set release failed: %s", e)
             await asyncio.sleep(interval)
 
     def start(self, token: str | None) -> None:
         self.token = token
+        self._mount_ws_root()
         self._spawn(self.prune_loop())
 
     # -- introspection, shutdown --------------------------------------------------------------
@@ -362,3 +425,7 @@ class LazyLayers:
                 log.warning("unmount of lazy layer %s: %s", key[:16], e)
             self._drop_workset(key)
         self.layers.lazy.clear()
+        try:
+            self._unmount_ws_root()
+        except OSError as e:
+            log.warning("unmounting the working-set tmpfs: %s", e)

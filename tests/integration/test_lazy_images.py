@@ -2,6 +2,7 @@
 blob lazily over FUSE, starts the container at once, and pulls the full layer behind it."""
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
@@ -161,8 +162,9 @@ def test_recorded_prefetch_is_published_and_prefetched_by_later_mounts(runtime):
         # ... and was written to the working-set dir stacked above the FUSE mount, which
         # the mount waited for (lazy_workset=wait), so this container's overlay had it
         assert (entry.get("workset") or {}).get("state") == "done", entry
-        ws = runtime.node_dir / "lz" / f"{key[:16]}.ws"
+        ws = runtime.node_dir / "lz" / "ws" / key[:16]
         assert (ws / "data/small.txt").read_text() == f"small-{RUN}\n"
+        assert os.path.ismount(ws.parent)                      # on the node's ws tmpfs
         assert not (ws / "data/big.bin").exists()
 
 

@@ -255,7 +255,7 @@ def _many_files(tmp_path: Path, n: int = 40):
 
 
 def test_prefetch_in_several_threads_writes_the_working_set_dir(tmp_path: Path):
-    d, names, src, view = _many_files(tmp_path)
+    d, names, _, view = _many_files(tmp_path)
     out = view.prefetch_workset(tmp_path / "ws", only=True)
     assert out["state"] == "done" and out["files"] == len(names)
     for n in names:

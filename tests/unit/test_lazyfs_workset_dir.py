@@ -153,3 +153,43 @@ def test_chunks_from_many_threads_write_each_place_once_and_close_every_file(tmp
     for n in nodes:
         assert (tmp_path / "ws" / n).read_bytes() == b"".join(
             body(int(n[1:]), k) for k in range(chunks))
+
+
+def test_a_local_layers_working_set_dir_is_released_when_no_overlay_uses_it(
+        tmp_path: Path, monkeypatch):
+    from types import SimpleNamespace
+
+    from runtimed.layers import LayerStore
+    from runtimed.lazy_layers import LazyLayers
+    store = LayerStore(tmp_path / "l", tmp_path / "base")
+    lazy = LazyLayers(tmp_path, store, blobs=None)
+    key = "cd" * 32
+    store.lazy[key] = SimpleNamespace(mountpoint=str(tmp_path / "mnt"))
+    store.workset[key] = ws = lazy._ws_dir(key)
+    (ws / "f").mkdir(parents=True)
+    in_use = {"yes": False}
+    monkeypatch.setattr(LazyLayers, "_overlays_using", staticmethod(lambda p: in_use["yes"]))
+    assert lazy.release_worksets(grace_s=0) == [] and ws.is_dir()      # still lazy
+    (store.path(key) / "fs").mkdir(parents=True)
+    (store.path(key) / ".rtd-complete").touch()                        # local now
+    assert lazy.release_worksets(grace_s=60) == [] and ws.is_dir()     # within the grace
+    in_use["yes"] = True
+    assert lazy.release_worksets(grace_s=0) == [] and ws.is_dir()      # an overlay has it
+    in_use["yes"] = False
+    assert lazy.release_worksets(grace_s=0) == [key]
+    assert not ws.exists() and key not in store.workset
+
+
+def test_overlays_using_reads_the_lower_dirs_of_overlay_mounts(tmp_path: Path, monkeypatch):
+    import builtins
+    import io
+
+    from runtimed.lazy_layers import LazyLayers
+    line = ("51 27 0:39 / /x/rootfs rw,relatime - overlay overlay rw,lowerdir=/n/lz/ws/ab:"
+            "/n/lz/ab:/base,upperdir=/x/upper,workdir=/x/work,uuid=on\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: io.StringIO(line)
+                        if p == "/proc/self/mountinfo" else real_open(p, *a, **k))
+    assert LazyLayers._overlays_using(Path("/n/lz/ws/ab"))
+    assert not LazyLayers._overlays_using(Path("/n/lz/ws/a"))
+    assert not LazyLayers._overlays_using(Path("/x/upper"))
