@@ -30,6 +30,8 @@ from .netns import NetnsHandle, NetworkManager
 
 if TYPE_CHECKING:
     from cuda_restore.assign import GpuAssignment
+
+    from .lazy_daemons import SpareLazyDaemons
 from .runc import Runc
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class NodeContext:
     criu_config: str | None = None    # passed to CRIU by runc via the org.criu.config annotation
     empty_dir: str | None = None      # read-only source for masking /proc and /sys dirs
     restore_engine: str = "auto"      # criu_restore.ENGINES: "runc" keeps `runc restore`
+    lazy_spares: "SpareLazyDaemons | None" = None   # lazy-pages daemons started ahead
 
 
 @dataclass
@@ -138,6 +141,7 @@ class Container:
         self._raw = False
         self._destroyed = False
         self._lazy_daemon: asyncio.subprocess.Process | None = None
+        self._lazy_spare_dir: Path | None = None      # the spare daemon's dir, if one served
         self._lazy_watch: asyncio.Task | None = None
         self._direct = False                 # restored by CRIU directly: runc does not know it
         self._criu_exit: asyncio.Task | None = None   # that CRIU, maybe still finishing
@@ -170,13 +174,21 @@ class Container:
         self.dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         lazy_start = None
-        if restore is not None and restore.lazy:     # its start-up overlaps the sandbox's
-            lazy_start = asyncio.create_task(start_lazy_pages(
-                self.ctx.runc.criu or "criu", restore.image_dir, self.dir / "criu-work",
-                verbose=restore.on_lazy_log is not None))
+        spares = self.ctx.lazy_spares
+        if restore is not None and restore.lazy:
+            spare = (spares.take(restore.image_dir)
+                     if spares is not None and restore.on_lazy_log is None else None)
+            if spare is not None:                    # started ahead: nothing to wait for
+                spares.link(spare, self.dir / "criu-work")
+                self._lazy_daemon, self._lazy_spare_dir = spare.proc, spare.work
+            else:                                    # its start-up overlaps the sandbox's
+                lazy_start = asyncio.create_task(start_lazy_pages(
+                    self.ctx.runc.criu or "criu", restore.image_dir, self.dir / "criu-work",
+                    verbose=restore.on_lazy_log is not None))
         try:
-            self.netns = await loop.run_in_executor(
-                None, lambda: self.ctx.network.acquire(network=self.cfg.network))
+            self.netns = (self.ctx.network.try_pooled(network=self.cfg.network)
+                          or await loop.run_in_executor(
+                              None, lambda: self.ctx.network.acquire(network=self.cfg.network)))
             t = self.spans.add("netns", t)
             plan = rootfs.plan_overlay(list(self.cfg.layers), self.dir)
             if restore is not None and restore.upper_archive is not None:
@@ -197,6 +209,8 @@ class Container:
             await self._spawn(restore)
             self.spans.add(("criu_restore" if self._direct else "runc_restore") if restore
                            else "runc_run", t)
+            if restore is not None and restore.lazy and spares is not None:
+                spares.refill(restore.image_dir)     # for the next lazy restore of it
             self._to(State.STARTING)
         except BaseException:
             if lazy_start is not None:
@@ -544,8 +558,13 @@ class Container:
         if log_keep and (self.dir / "criu-work" / "restore.log").exists():
             os.makedirs(log_keep, exist_ok=True)
             os.replace(self.dir / "criu-work" / "restore.log", f"{log_keep}/{self.id}.log")
-            if (self.dir / "criu-work" / "lazy-pages.log").exists():
-                os.replace(self.dir / "criu-work" / "lazy-pages.log", f"{log_keep}/{self.id}.lazy.log")
+            lazy_log = (self._lazy_spare_dir or self.dir / "criu-work") / "lazy-pages.log"
+            if lazy_log.exists():
+                os.replace(lazy_log, f"{log_keep}/{self.id}.lazy.log")
+        if self._lazy_spare_dir is not None:
+            import shutil
+            shutil.rmtree(self._lazy_spare_dir, ignore_errors=True)
+            self._lazy_spare_dir = None
         if self._mounted:
             rootfs.teardown(self.dir, keep_upper=self.cfg.keep_upper)
             self._mounted = False

@@ -144,6 +144,11 @@ def _make_mountpoints(p: RestorePlan) -> None:
             open(target, "a").close()
 
 
+def _prepare(p: RestorePlan) -> None:
+    _make_mountpoints(p)
+    cgroups.v1_create(p.cgroup_path, p.resources)
+
+
 @dataclass
 class Restoring:
     """A restore whose tasks exist (pid known) while CRIU may still be finishing."""
@@ -162,8 +167,7 @@ async def restore(criu: str, p: RestorePlan, stdin: int, stdout: int, stderr: in
     error for the caller's cleanup (it owns the container's lifetime either way)."""
     p.work_dir.mkdir(parents=True, exist_ok=True)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, _make_mountpoints, p)
-    await loop.run_in_executor(None, cgroups.v1_create, p.cgroup_path, p.resources)
+    await loop.run_in_executor(None, _prepare, p)      # one executor hop, not two
     netns_fd = os.open(p.netns_path, os.O_RDONLY | os.O_CLOEXEC) if p.netns_path else None
     # CRIU must already be in the container's cgroups when it forks the restored tree. A
     # preexec_fn would do it in Python, but forces fork() of this large daemon instead of

@@ -27,9 +27,11 @@ from . import agentfs, bundle, cgroups, criu_env, rootfs
 from .blobs import BlobSource
 from .builder import Builder, layer_keys
 from .config import Paths
-from .container import Container, ContainerConfig, NodeContext, RemoteInitError
+from .container import (Container, ContainerConfig, NodeContext, RemoteInitError,
+                        start_lazy_pages)
 from .gpu_snapshot import ENV_TOOL, GpuTarget
 from .ids import new_id
+from .lazy_daemons import SpareLazyDaemons
 from .lazy_layers import LazyLayers
 from .layers import LayerStore
 from .netns import NetworkManager
@@ -92,8 +94,11 @@ class Node:
         empty = self.dir / "empty"
         empty.mkdir(exist_ok=True)
         empty.chmod(0o555)
+        criu = str(self.paths.criu)
+        spares = SpareLazyDaemons(self.dir / "lzd",
+                                  lambda image_dir, work: start_lazy_pages(criu, image_dir, work))
         self.ctx = NodeContext(self.runc, self.network, self.dir / "c", agent_dir,
-                               empty_dir=str(empty))
+                               empty_dir=str(empty), lazy_spares=spares)
         self.builder = Builder(self.ctx, self.layers, self.blobs, self.dir / "b")
         self.builder.lazy_policy = self.lazy.mount
         self.builder.access_dir = self.dir / "lz"
@@ -121,12 +126,26 @@ class Node:
             if mp.is_dir() and os.path.ismount(mp):    # a lazy mount whose server died with us
                 rootfs.umount(str(mp))
         self.layers.cleanup_tmp()
+        await asyncio.get_running_loop().run_in_executor(None, self._kill_stale_spares)
         n = self.network.cleanup_stale()
         if mine or n:
             log.info("cleaned up %d stale containers, %d netns", len(mine), n)
 
+    def _kill_stale_spares(self) -> None:
+        """Spare lazy-pages daemons of a daemon that died wait for a restore forever."""
+        mark = f"{self.dir / 'lzd'}/"
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(a.startswith(mark) for a in p.info["cmdline"] or ()):
+                    p.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        shutil.rmtree(self.dir / "lzd", ignore_errors=True)
+
     async def shutdown(self) -> None:
         await self.snapshots.settle(timeout=60)        # a dump being stored is not lost
+        if self.ctx is not None and self.ctx.lazy_spares is not None:
+            await self.ctx.lazy_spares.close()
         for pool in list(self.pools.values()):
             await pool.close()
         self.pools.clear()
@@ -548,6 +567,7 @@ class Node:
             "pools": {k: {"live": p.live, "idle": p.idle, "queued": len(p.queue)}
                       for k, p in self.pools.items()},
             "active_calls": list(self.active.values()), "stats": dict(self.stats),
+            "lazy_spares": len(self.ctx.lazy_spares) if self.ctx and self.ctx.lazy_spares else 0,
             "layers": self._layer_states(), "chunk_cache": self.lazy.cache_usage,
             "lazy": self.lazy.config(),
         }
