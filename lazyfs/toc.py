@@ -29,6 +29,7 @@ ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "
 MAX_INT = 1 << 62                     # sizes and offsets beyond this are nonsense
 MAX_ENTRIES = 4_000_000
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DOT_PART_RE = re.compile(r"(?:^|/)\.\.?(?:/|$)")          # a '.' or '..' part
 
 
 def sha256_digest(data: bytes) -> str:
@@ -50,6 +51,10 @@ def clean_name(raw: str) -> str:
     """
     if not isinstance(raw, str):
         raise FormatError(f"entry name is not a string: {raw!r}")
+    name = raw.removesuffix("/")      # fast path: a name that is already clean
+    if (name and name[0] != "/" and name[-1] != "/" and "//" not in name
+            and "\x00" not in name and not _DOT_PART_RE.search(name)):
+        return name
     if "\x00" in raw:
         raise UnsafeEntryError(raw, "NUL byte in name")
     if raw.startswith("/"):
@@ -110,41 +115,53 @@ class TOCEntry:
     @classmethod
     def from_json(cls, obj: Any, index: int) -> TOCEntry:
         """Parse and type-check one entry; raises FormatError on any malformed field."""
-        where = f"TOC entry {index}"
         if not isinstance(obj, dict):
-            raise FormatError(f"{where} is not an object")
+            raise FormatError(f"TOC entry {index} is not an object")
         kw: dict[str, Any] = {}
-        for key, attr in cls._FIELDS:
-            default = cls.__dataclass_fields__[attr].default
-            value = obj.get(key, default)
-            if value is None:
-                value = default
-            if isinstance(default, int):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise FormatError(f"{where}: {key} is not an integer: {value!r}")
+        for key, value in obj.items():        # only the fields present (TOCs omit zeros)
+            spec = _JSON_FIELDS.get(key)
+            if spec is None or value is None:
+                continue
+            attr, is_int = spec
+            if is_int:
+                if value.__class__ is not int and (isinstance(value, bool)
+                                                   or not isinstance(value, int)):
+                    raise FormatError(f"TOC entry {index}: {key} is not an integer: {value!r}")
                 if not 0 <= value < MAX_INT:
-                    raise FormatError(f"{where}: {key} out of range: {value}")
-            elif not isinstance(value, str):
-                raise FormatError(f"{where}: {key} is not a string: {value!r}")
+                    raise FormatError(f"TOC entry {index}: {key} out of range: {value}")
+            elif value.__class__ is not str and not isinstance(value, str):
+                raise FormatError(f"TOC entry {index}: {key} is not a string: {value!r}")
             kw[attr] = value
+        for key in ("name", "type"):          # no defaults
+            if key not in kw:
+                raise FormatError(f"TOC entry {index}: {key} is not a string: None")
         if kw["type"] not in ENTRY_TYPES:
-            raise FormatError(f"{where}: unknown type {kw['type']!r}")
+            raise FormatError(f"TOC entry {index}: unknown type {kw['type']!r}")
         for attr in ("digest", "chunk_digest"):
-            if kw[attr]:
-                check_digest(kw[attr], f"{where} ({kw['name']!r}) {attr}")
+            if kw.get(attr):
+                check_digest(kw[attr], f"TOC entry {index} ({kw['name']!r}) {attr}")
         raw_x = obj.get("xattrs") or {}
-        if not isinstance(raw_x, dict):
-            raise FormatError(f"{where}: xattrs is not an object")
-        xattrs = []
-        for k, v in sorted(raw_x.items()):
-            if not isinstance(v, str):
-                raise FormatError(f"{where}: xattr {k!r} value is not a base64 string")
-            try:
-                xattrs.append((k, base64.b64decode(v, validate=True)))
-            except (binascii.Error, ValueError):
-                raise FormatError(f"{where}: xattr {k!r} value is not valid base64") from None
-        kw["xattrs"] = tuple(xattrs)
+        if raw_x:
+            if not isinstance(raw_x, dict):
+                raise FormatError(f"TOC entry {index}: xattrs is not an object")
+            xattrs = []
+            for k, v in sorted(raw_x.items()):
+                if not isinstance(v, str):
+                    raise FormatError(f"TOC entry {index}: xattr {k!r} value is not a "
+                                      "base64 string")
+                try:
+                    xattrs.append((k, base64.b64decode(v, validate=True)))
+                except (binascii.Error, ValueError):
+                    raise FormatError(f"TOC entry {index}: xattr {k!r} value is not valid "
+                                      "base64") from None
+            kw["xattrs"] = tuple(xattrs)
         return cls(**kw)
+
+
+# JSON key -> (attribute, whether an integer) for TOCEntry.from_json
+_JSON_FIELDS: dict[str, tuple[str, bool]] = {
+    key: (attr, isinstance(TOCEntry.__dataclass_fields__[attr].default, int))
+    for key, attr in TOCEntry._FIELDS}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ inode-numbered nodes that the extractor and the FUSE server serve directly:
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import stat
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class Tree:
         return None if ino is None else self.nodes[ino]
 
 
+@functools.lru_cache(maxsize=4096)     # a layer's files share few distinct mtimes
 def _mtime_ns(modtime: str) -> int:
     if not modtime:
         return 0
@@ -257,11 +259,12 @@ def _number(attrs: dict[str, _A], prefetch_end: int, prioritized: tuple[str, ...
     """Give inode numbers (root = 1, then paths in sorted order; hard links share one)."""
     ino_of: dict[int, int] = {}
     paths: dict[str, int] = {}
-    for name in sorted(attrs):
+    names = sorted(attrs)
+    for name in names:
         ino = ino_of.setdefault(id(attrs[name]), len(ino_of) + 1)
         paths[name] = ino
     nodes: dict[int, Node] = {}
-    for name in sorted(attrs):
+    for name in names:
         a = attrs[name]
         ino = paths[name]
         if ino in nodes:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .cache import ChunkCache
 from .errors import LazyFSError
-from .reader import EStargz, decode_chunk
+from .reader import INFLATE, EStargz, decode_chunk
 from .tree import Chunk, Node
 
 log = logging.getLogger("lazyfs")
@@ -314,8 +314,8 @@ class LayerView:
                 stored += f.result()
             tasks.clear()
             self.counters.prefetch_state = "done" if stored == total else "stopped"
-            log.info("prefetch: %d chunks in %d ranges in %.2fs (%d decoding threads)",
-                     stored, len(ranges), time.monotonic() - t0, workers)
+            log.info("prefetch: %d chunks in %d ranges in %.2fs (%d decoding threads, %s)",
+                     stored, len(ranges), time.monotonic() - t0, workers, INFLATE)
         except (LazyFSError, OSError) as e:
             self.counters.prefetch_state = f"failed: {e}"
             log.warning("prefetch stopped after %d chunks: %s", stored, e)

@@ -281,3 +281,26 @@ def test_a_bad_chunk_fails_the_prefetch_and_releases_every_waiting_reader(tmp_pa
     assert not view._inflight                     # no reader can wait for a claim forever
     src.read = real_read
     assert view.read(_ino(view, names[7]), 0, 10) == (d / names[7]).read_bytes()[:10]
+
+
+@pytest.mark.parametrize("lib", ["zlib", "zlib_ng"])
+def test_chunks_decode_and_verify_with_either_inflate_library(tmp_path: Path, monkeypatch,
+                                                              lib: str):
+    import zlib
+
+    from lazyfs import reader
+    from lazyfs.errors import FormatError
+    if lib == "zlib_ng":
+        mod = pytest.importorskip("zlib_ng.zlib_ng")
+    else:
+        mod = zlib
+    monkeypatch.setattr(reader, "_inflate_lib", mod)
+    d, names, src, view = _many_files(tmp_path, n=6)
+    c = view.tree.lookup(names[3]).chunks[0]
+    member = src.read(c.offset, c.end - c.offset)
+    assert reader.decode_chunk(c, memoryview(member)) == (d / names[3]).read_bytes()[:c.size]
+    with pytest.raises(FormatError):
+        reader.decode_chunk(c, member[:len(member) // 2])        # truncated member
+    with pytest.raises(DigestMismatchError):
+        other = view.tree.lookup(names[4]).chunks[0]
+        reader.decode_chunk(other, src.read(c.offset, c.end - c.offset))
