@@ -177,6 +177,7 @@ def v1_kill_and_remove(cgroup_path: str, timeout: float = 5.0) -> bool:
     import signal
     import time
     deadline = time.monotonic() + timeout
+    thaw(cgroup_path)                # frozen tasks do not die of SIGKILL until thawed
     while pids := pids_in(cgroup_path):
         for p in pids:
             try:
@@ -198,3 +199,51 @@ def v1_kill_and_remove(cgroup_path: str, timeout: float = 5.0) -> bool:
             except OSError:
                 pass
     return True
+
+
+# -- freezing before a dump ----------------------------------------------------------------
+def _freezer(cgroup_path: str) -> tuple[str, str, str, str]:
+    """(file to write, frozen value, thawed value, file to read) for v1 or v2."""
+    rel = cgroup_path.strip("/")
+    v1 = os.path.join(V1_ROOT, "freezer", rel, "freezer.state")
+    if os.path.exists(v1):
+        return v1, "FROZEN", "THAWED", v1
+    d = os.path.join(V2_ROOT, rel)
+    return os.path.join(d, "cgroup.freeze"), "1", "0", os.path.join(d, "cgroup.events")
+
+
+def _is_frozen(text: str | None) -> bool:
+    if text is None:
+        return False
+    t = text.strip()
+    return t == "FROZEN" or "frozen 1" in t.splitlines()
+
+
+def freeze(cgroup_path: str, timeout: float = 5.0) -> bool:
+    """Freeze every task of the cgroup and wait (polling every 0.5 ms) until it is.
+
+    CRIU freezes the cgroup itself when it is not frozen yet, but polls the freezer
+    every 100 ms: its dumps waited 100 ms at FREEZING here (CRIU's log). Found frozen, it
+    skips that and thaws the cgroup once it has seized the tasks. False (and thawed
+    again) if it did not freeze in time; the caller's dump then freezes as before."""
+    import time
+    write, frozen, thawed, read = _freezer(cgroup_path)
+    try:
+        _write(write, frozen)
+    except OSError:
+        return False
+    deadline = time.monotonic() + timeout
+    while not _is_frozen(_read(read)):
+        if time.monotonic() > deadline:
+            thaw(cgroup_path)
+            return False
+        time.sleep(0.0005)
+    return True
+
+
+def thaw(cgroup_path: str) -> None:
+    write, _, thawed, _ = _freezer(cgroup_path)
+    try:
+        _write(write, thawed)
+    except OSError:
+        pass                  # the cgroup is gone (container died): nothing to thaw

@@ -7,11 +7,14 @@ Two measured costs of `runc restore` here (see docs/design.md, "Restore latency"
    these hosts /run is ext4, so every CRIU run re-probes (~30-40 ms). CRIU *loads*
    the cache from any filesystem, so we generate it once per daemon start in a
    private mount namespace with a tmpfs on /run and copy it out.
-2. On restore CRIU unlocks the network with `iptables-restore` and
-   `ip6tables-restore` (~60-70 ms). Our containers join a network namespace we made
-   fresh for them, which CRIU never locked, so the unlock has nothing to undo. For
-   restores only, PATH starts with a dir holding no-op `ip(6)tables-restore`.
-   Checkpoints keep the real tools: the dump-time lock is real.
+2. CRIU locks and unlocks the container's network with `iptables-restore` and
+   `ip6tables-restore`, each an nf_tables commit that waits for an RCU grace period
+   here (6-16 ms each, measured in a fresh netns; ~70 ms per dump in CRIU's log). The
+   lock only guards TCP connections being dumped, and the snapshot guard refuses those
+   (and all inet sockets where CRIU cannot restore them); restores join a namespace
+   the node made fresh, never locked. So CRIU's PATH starts with a dir holding no-op
+   `ip(6)tables-restore` for dumps and restores (dumps are also patched to skip the
+   lock at restore: snapshot/criu_image.py).
 """
 from __future__ import annotations
 
@@ -80,19 +83,28 @@ def build_untar(bindir: Path = UNTAR_CACHE) -> Path | None:
 
 
 def restore_env(state_dir: Path) -> dict[str, str]:
-    """Environment for CRIU restores: PATH with the no-op network-unlock tools and the
-    fast tmpfs extractor (build_untar) first.
+    """Environment for CRIU restores: PATH with the no-op network-lock tools and the
+    fast tmpfs extractor (build_untar) first."""
+    untar = build_untar()
+    return _env_with(state_dir / "criu-restore-bin", {"tar": str(untar) if untar else None})
+
+
+def dump_env(state_dir: Path) -> dict[str, str]:
+    """Environment for `runc checkpoint` (CRIU inherits it): the no-op network-lock tools
+    first; dumps keep GNU tar (they create archives)."""
+    return _env_with(state_dir / "criu-dump-bin", {})
+
+
+def _env_with(bindir: Path, extra: dict[str, str | None]) -> dict[str, str]:
+    """os.environ with `bindir` first on PATH, holding links to `true` for
+    ip(6)tables-restore plus `extra` (name -> target; None: no link).
     CRIU writes the rules into a pipe and closes it before it runs the tool (net.c,
     iptables_restore), so the no-op need not read them: a link to `true` (one exec,
-    ~1 ms) instead of a shell that drains stdin (sh + cat, ~3 ms, twice per restore)."""
-    bindir = state_dir / "criu-restore-bin"
+    ~1 ms) instead of a shell that drains stdin (sh + cat, ~3 ms)."""
     bindir.mkdir(parents=True, exist_ok=True)
     true = shutil.which("true") or "/bin/true"
-    links = {"iptables-restore": true, "ip6tables-restore": true}
-    untar = build_untar()
-    if untar is not None:
-        links["tar"] = str(untar)
-    for name in ("iptables-restore", "ip6tables-restore", "tar"):
+    links = {"iptables-restore": true, "ip6tables-restore": true, **extra}
+    for name in links:
         p = bindir / name
         want = links.get(name)
         if want is None:

@@ -53,7 +53,8 @@ class Node:
         self.paths, self.name, self.blobs = paths, name, blobs
         self.node_id = f"node-{name}"
         self.dir = paths.node_dir(name)
-        self.runc = Runc(criu=str(paths.criu), restore_env=criu_env.restore_env(self.dir))
+        self.runc = Runc(criu=str(paths.criu), restore_env=criu_env.restore_env(self.dir),
+                         dump_env=criu_env.dump_env(self.dir))
         self.network = NetworkManager(owner=str(self.dir))
         self.layers = LayerStore(self.dir / "l", paths.base_rootfs)
         self.ctx: NodeContext | None = None

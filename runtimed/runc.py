@@ -20,6 +20,7 @@ class Runc:
     root: str = RUNC_ROOT
     criu: str | None = None
     restore_env: dict | None = None    # see criu_env.restore_env
+    dump_env: dict | None = None       # see criu_env.dump_env
 
     def _base(self) -> list[str]:
         return [self.binary, "--root", self.root]
@@ -58,7 +59,7 @@ class Runc:
         if leave_running:
             args.append("--leave-running")
         try:
-            await self._run(*self._criu_flag(), *args, container_id)
+            await self._run(*self._criu_flag(), *args, container_id, env=self.dump_env)
         except RuncError as e:
             raise RuncError(f"{e}\n{criu_log_tail(work_dir / 'dump.log')}") from None
 

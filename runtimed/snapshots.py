@@ -148,10 +148,17 @@ class SnapshotManager:
         handed_off = False
         try:
             t = time.perf_counter()
+            frozen = await loop.run_in_executor(None, cgroups.freeze, c.cgroup_path)
+            timings["freeze_ms"] = (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
             try:
                 await self.runc.checkpoint(c.id, tmp, self.work / f"{c.id}-criu")
                 timings["dump_ms"] = (time.perf_counter() - t) * 1000
                 criu_image.skip_network_lock(tmp)
+                if os.environ.get("RUNTIMED_KEEP_CRIU_LOGS"):     # for profiling dumps
+                    keep = os.environ["RUNTIMED_KEEP_CRIU_LOGS"]
+                    os.makedirs(keep, exist_ok=True)
+                    shutil.copy(self.work / f"{c.id}-criu" / "dump.log", f"{keep}/{c.id}-dump.log")
             except Exception as e:
                 kept = self.root / "failed" / f"{c.id}-dump.log"
                 kept.parent.mkdir(exist_ok=True)
@@ -161,6 +168,8 @@ class SnapshotManager:
                     pass
                 raise SnapshotError(f"CRIU checkpoint failed (log: {kept}): {e}") from e
             finally:
+                if frozen:                # CRIU thaws it once seized; on failure, maybe not
+                    await loop.run_in_executor(None, cgroups.thaw, c.cgroup_path)
                 if cuda is not None:      # the container keeps running: give CUDA back
                     t = time.perf_counter()
                     await cuda.resume_all()
