@@ -120,7 +120,17 @@ def cmd_serve(a: argparse.Namespace) -> dict:
     from .mount import MountSpec, open_source
     from .reader import open_estargz
     from .view import LayerView, Recorder
-    spec = MountSpec.from_json(sys.stdin.read())
+    # imports first: a spare server (mount.spawn_server) has them done when its spec comes
+    text = sys.stdin.read()
+    if not text.strip():
+        return {}                     # a spare that was not used: its owner went away
+    spec = MountSpec.from_json(text)
+    if spec.log_path:                 # a spare server: from now on, the mount's log
+        fd = os.open(spec.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     src = open_source(spec.source)
     # the TOC becomes ~100,000 long-lived objects: collecting while they are made costs
     # ~0.1 s of the mount, and traversing them later costs every collection of the server

@@ -12,6 +12,7 @@ process runs (see mount.py).
 """
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import logging
@@ -49,6 +50,7 @@ class LazyOperations(pyfuse3.Operations):
                     if view.tree.nodes[child].is_dir:
                         self.parent[child] = node.ino
         self.total_size = sum(n.size for n in view.tree.nodes.values())
+        self.ops: collections.Counter[str] = collections.Counter()   # requests served, by kind
 
     def _node(self, inode: int) -> Node:
         node = self.view.node(inode)
@@ -68,6 +70,7 @@ class LazyOperations(pyfuse3.Operations):
         return a
 
     async def lookup(self, parent_inode, name, ctx=None):
+        self.ops["lookup"] += 1
         parent = self._node(parent_inode)
         if name == b".":
             return self._attr(parent)
@@ -82,20 +85,24 @@ class LazyOperations(pyfuse3.Operations):
         return self._attr(node)
 
     async def getattr(self, inode, ctx=None):
+        self.ops["getattr"] += 1
         return self._attr(self._node(inode))
 
     async def readlink(self, inode, ctx):
+        self.ops["readlink"] += 1
         node = self._node(inode)
         if not stat.S_ISLNK(node.mode):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(node.link_target)
 
     async def opendir(self, inode, ctx):
+        self.ops["opendir"] += 1
         if not self._node(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
     async def readdir(self, fh, start_id, token):
+        self.ops["readdir"] += 1
         node = self._node(fh)
         dots = [(".", fh), ("..", self.parent.get(fh, ROOT_INO))]
         entries = dots + list(node.children)
@@ -109,6 +116,7 @@ class LazyOperations(pyfuse3.Operations):
         return None
 
     async def open(self, inode, flags, ctx):
+        self.ops["open"] += 1
         node = self._node(inode)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -118,6 +126,7 @@ class LazyOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh, off, size):
+        self.ops["read"] += 1
         try:
             return await trio.to_thread.run_sync(self.view.read, fh, off, size,
                                                  limiter=self.limiter)
@@ -130,12 +139,14 @@ class LazyOperations(pyfuse3.Operations):
         return None
 
     async def getxattr(self, inode, name, ctx):
+        self.ops["getxattr"] += 1
         value = dict(self._node(inode).xattrs).get(os.fsdecode(name))
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value
 
     async def listxattr(self, inode, ctx):
+        self.ops["listxattr"] += 1
         return [os.fsencode(k) for k, _ in self._node(inode).xattrs]
 
     async def statfs(self, ctx):
@@ -177,7 +188,7 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
     def housekeeping_once() -> None:
         if view.recorder is not None:
             view.recorder.flush()
-        status = view.status()
+        status = {**view.status(), "ops": dict(ops.ops)}
         if status_path and status != state["status"]:
             state["status"] = status
             _write_json(Path(status_path), {"pid": os.getpid(), "mountpoint": mountpoint,

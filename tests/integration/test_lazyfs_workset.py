@@ -169,3 +169,31 @@ def test_workset_only_keeps_the_working_set_out_of_the_chunk_cache(tmp_path: Pat
     assert (mp / "usr/lib/python3/text.py").read_text() == "x = 1\n" * 5000
     time.sleep(1.2)
     assert _status(status)["fetched_chunks"] > 0
+
+
+def test_a_spare_server_serves_a_mount_and_logs_to_its_log(tmp_path: Path, mounts):
+    from lazyfs.mount import spawn_server
+    layer = make_layer(tmp_path / "layer")
+    blob = write_layer(layer, tmp_path / "layer.esgz", prioritized=WORKING_SET)
+    cache = tmp_path / "cache"
+    spare = spawn_server(str(cache))
+    mp, ws, status = tmp_path / "mnt", tmp_path / "layer.ws", tmp_path / "status.json"
+    mp.mkdir()
+    h = mount(MountSpec(source=SourceSpec("file", str(blob.path)), mountpoint=str(mp),
+                        cache_dir=str(cache), status_path=str(status), workset_dir=str(ws)),
+              server=spare, log_path=str(tmp_path / "mount.log"))
+    mounts.append(h)
+    assert h.proc is spare
+    state = _wait(lambda: status.exists() and _status(status).get("workset"), "workset")
+    assert state["state"] == "done", state
+    assert (mp / "etc/hello.txt").read_text() == "hello, lazy world\n"
+    assert _status(status)["pid"] == spare.pid
+    assert "serving file" in (tmp_path / "mount.log").read_text()
+
+
+def test_an_unused_spare_server_exits_when_its_input_closes(tmp_path: Path):
+    from lazyfs.mount import spawn_server
+    spare = spawn_server(str(tmp_path / "cache"))
+    assert spare.stdin is not None
+    spare.stdin.close()
+    assert spare.wait(timeout=20) == 0
