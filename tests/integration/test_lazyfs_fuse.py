@@ -148,3 +148,22 @@ def test_records_accesses_and_reports_status(tmp_path: Path, layer_blob, unmount
     time.sleep(0.7)
     s2 = h2.status()
     assert s2["fetched_chunks"] == 0 and s2["cache_hits"] > 0
+
+
+def test_a_layer_without_xattrs_answers_getxattr_in_the_kernel(tmp_path: Path, unmount_later):
+    import errno
+    layer = tmp_path / "plain"
+    (layer / "d").mkdir(parents=True)
+    (layer / "d/f").write_text("no xattrs here\n")
+    blob = write_layer(layer, tmp_path / "plain.esgz")
+    h = mount(_spec(tmp_path, blob), log_path=str(tmp_path / "mount.log"))
+    unmount_later(h)
+    mp = Path(h.mountpoint)
+    for _ in range(3):
+        with pytest.raises(OSError) as e:
+            os.getxattr(mp / "d/f", "user.x")
+        assert e.value.errno == errno.EOPNOTSUPP
+    assert (mp / "d/f").read_text() == "no xattrs here\n"
+    time.sleep(1.2)                    # the status is rewritten twice a second
+    ops = json.loads((tmp_path / "status.json").read_text())["ops"]
+    assert ops.get("getxattr") == 1, ops       # asked once, then answered by the kernel
