@@ -185,10 +185,6 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
     is flushed alike.
     """
     ops = LazyOperations(view)
-    options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=lazyfs"}
-    if allow_other:
-        options.add("allow_other")
-    pyfuse3.init(ops, mountpoint, options)
     state: dict = {"terminated": False, "status": None}
     stop = threading.Event()
 
@@ -200,6 +196,31 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
             state["status"] = status
             _write_json(Path(status_path), {"pid": os.getpid(), "mountpoint": mountpoint,
                                             "time": time.time(), **status})
+
+    def run_prefetch() -> None:
+        try:
+            if workset_dir and not fetch_all:
+                view.prefetch_workset(workset_dir, stop, only=workset_only)
+            else:
+                view.prefetch(stop, everything=fetch_all)
+        except BaseException as e:       # a bug: say so where the node looks
+            log.exception("prefetch failed")
+            view.counters.prefetch_state = f"failed: {type(e).__name__}: {e}"
+            if workset_dir and view.counters.workset is None:
+                view.counters.workset = {"state": f"failed: {type(e).__name__}: {e}"}
+        housekeeping_once()              # the node waits for this status
+
+    if prefetch or fetch_all:
+        # started before the FUSE mount: what the node waits for need not wait for its setup
+        threading.Thread(target=run_prefetch, name="lazyfs-prefetch", daemon=True).start()
+    options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=lazyfs"}
+    if allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except BaseException:
+        stop.set()
+        raise
 
     async def on_signals() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
@@ -217,14 +238,6 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
         async with trio.open_nursery() as n:
             n.start_soon(on_signals)
             n.start_soon(housekeeping)
-            if prefetch or fetch_all:
-                def run_prefetch() -> None:
-                    if workset_dir and not fetch_all:
-                        view.prefetch_workset(workset_dir, stop, only=workset_only)
-                        housekeeping_once()      # the node waits for this status
-                    else:
-                        view.prefetch(stop, everything=fetch_all)
-                n.start_soon(lambda: trio.to_thread.run_sync(run_prefetch, abandon_on_cancel=True))
             if on_mounted is not None:
                 on_mounted()
             await pyfuse3.main()
