@@ -28,6 +28,7 @@ chunks go first, chunks of a live mount never), pruned in the background.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ PRUNE_INTERVAL_S = 30.0
 DEFAULT_CACHE_BUDGET_MB = 4096
 DEFAULT_WORKSET_TMPFS = "25%"        # tmpfs size for working-set dirs ("0": node's disk)
 WORKSET_RELEASE_S = 60.0             # a local layer's unused working-set dir goes after this
+UNPACK_WAIT_S = 120.0                # the longest forget() waits for a background unpack
 
 
 def _env_int(name: str, default: int) -> int:
@@ -103,6 +105,8 @@ class LazyLayers:
         self._gen: dict[str, int] = {}                # layer key -> mount generation
         self._bg: set[asyncio.Task] = set()
         self._behind: dict[str, asyncio.Task] = {}    # layer key -> its pull and publish
+        self._unpacks = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lazy-unpack")
+        self._unpacking: dict[str, concurrent.futures.Future] = {}   # layer key -> its unpack
         self._prune_lock = asyncio.Lock()
 
     # -- 1. mount ---------------------------------------------------------------------------
@@ -296,8 +300,12 @@ class LazyLayers:
             if not wanted() or self.layers.has(key):
                 return
             path = await self.blobs.fetch(info["archive"])
-            await asyncio.get_running_loop().run_in_executor(None, self._adopt_low, key, path,
-                                                             wanted)
+            # its own pool, so that forget() can wait for an unpack that is under way
+            job = self._unpacks.submit(self._adopt_low, key, path, wanted)
+            self._unpacking[key] = job
+            await asyncio.wrap_future(job)
+            if self._unpacking.get(key) is job:
+                del self._unpacking[key]
             if not wanted():
                 return
             log.info("layer %s is now local (was lazy; pulled in %.1fs)", key[:16],
@@ -318,7 +326,7 @@ class LazyLayers:
         try:
             self.layers.adopt_archive(key, path, wanted=wanted)
         finally:
-            _thread_nice(0)      # executor threads are reused
+            _thread_nice(0)      # pool threads are reused
 
     # -- 3. publish -------------------------------------------------------------------------
     async def _publish(self, key: str, info: dict, settle_s: float = 1.0) -> dict | None:
@@ -378,6 +386,15 @@ class LazyLayers:
             behind.cancel()
         self._first_call.pop(key, None)
         self._drop_workset(key)
+        job = self._unpacking.pop(key, None)
+        if job is not None and not job.done():
+            # an unpack cannot be stopped midway (it then drops what it wrote): wait for it,
+            # so a layer forgotten is gone and its unpack takes no CPU from the next start
+            t0 = time.perf_counter()
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: concurrent.futures.wait([job], timeout=UNPACK_WAIT_S))
+            log.info("layer %s: waited %.1fs for its background unpack to end", key[:16],
+                     time.perf_counter() - t0)
         if h is None:
             return
         from lazyfs.cache import ChunkCache
@@ -464,6 +481,7 @@ class LazyLayers:
             self._drop_workset(key)
         self.layers.lazy.clear()
         await loop.run_in_executor(None, self._stop_spare)
+        self._unpacks.shutdown(wait=False, cancel_futures=True)
         try:
             self._unmount_ws_root()
         except OSError as e:

@@ -193,3 +193,22 @@ def test_overlays_using_reads_the_lower_dirs_of_overlay_mounts(tmp_path: Path, m
     assert LazyLayers._overlays_using(Path("/n/lz/ws/ab"))
     assert not LazyLayers._overlays_using(Path("/n/lz/ws/a"))
     assert not LazyLayers._overlays_using(Path("/x/upper"))
+
+
+def test_forgetting_a_layer_waits_for_its_background_unpack(tmp_path: Path):
+    import asyncio
+    import time
+
+    from runtimed.layers import LayerStore
+    from runtimed.lazy_layers import LazyLayers
+    lazy = LazyLayers(tmp_path, LayerStore(tmp_path / "l", tmp_path / "base"), blobs=None)
+    key = "ef" * 32
+    job = lazy._unpacks.submit(time.sleep, 0.5)     # an unpack that cannot be stopped
+    lazy._unpacking[key] = job
+
+    async def forget() -> float:
+        t0 = time.monotonic()
+        await lazy.forget(key)
+        return time.monotonic() - t0
+    assert asyncio.run(forget()) >= 0.3 and job.done()
+    assert key not in lazy._unpacking
