@@ -98,6 +98,7 @@ class Node:
         criu = str(self.paths.criu)
         spares = SpareLazyDaemons(self.dir / "lzd",
                                   lambda image_dir, work: start_lazy_pages(criu, image_dir, work))
+        self.snapshots.on_drop_hot = spares.drop
         self.ctx = NodeContext(self.runc, self.network, self.dir / "c", agent_dir,
                                empty_dir=str(empty), lazy_spares=spares)
         self.builder = Builder(self.ctx, self.layers, self.blobs, self.dir / "b")

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from sdk.exception import SnapshotError
 from snapshot.fingerprint import current_fingerprint
@@ -93,6 +94,9 @@ class SnapshotManager:
         self.store = SnapshotStore(root / "store", budget_bytes=budget_bytes)
         self.hot = root / "hot"
         self.work = root / "work"
+        # Told when a hot copy goes (the node stops the spare lazy-pages daemon serving
+        # it, which would otherwise keep the deleted files' space until it is used).
+        self.on_drop_hot: Callable[[Path], None] | None = None
         # Dumps and CRIU work dirs of a daemon that died mid-checkpoint: nothing else
         # uses them (the store's own temp files are gc's), so start empty.
         shutil.rmtree(self.work, ignore_errors=True)
@@ -416,6 +420,8 @@ class SnapshotManager:
         raise SnapshotError("no peer could provide the snapshot: " + "; ".join(errors))
 
     def drop_hot(self, snapshot_id: str) -> None:
+        if self.on_drop_hot is not None:
+            self.on_drop_hot(self.hot / snapshot_id)
         shutil.rmtree(self.hot / snapshot_id, ignore_errors=True)
         shutil.rmtree(self._ws_dir(snapshot_id), ignore_errors=True)
 

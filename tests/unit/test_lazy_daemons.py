@@ -82,3 +82,20 @@ def test_dead_or_orphaned_spares_are_not_handed_out_and_close_kills_them(tmp_pat
         await spares.close()                      # pending refill cancelled
         assert len(spares) == 0
     _run(main())
+
+
+def test_drop_stops_the_spare_of_a_removed_snapshot(tmp_path):
+    async def main():
+        img = tmp_path / "snap"
+        img.mkdir()
+        spares = SpareLazyDaemons(tmp_path / "lzd", _fake_start, refill_delay=0)
+        spares.refill(img)
+        await asyncio.sleep(0)
+        await asyncio.gather(*spares._pending.values())
+        spare = spares._spares[str(img)]
+        spares.drop(img)
+        assert len(spares) == 0 and not spare.work.exists()
+        assert await asyncio.wait_for(spare.proc.wait(), 5) is not None
+        spares.drop(img)                                   # nothing there: no error
+        await spares.close()
+    _run(main())
