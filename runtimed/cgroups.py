@@ -59,13 +59,18 @@ def memory_rss(cgroup_path: str) -> int | None:
 FAVOR_ENV = "RUNTIMED_CGROUP_FAVORDYNMODS"
 
 
-def cgroup2_mount(mounts: str | None = None) -> str | None:
-    """Where a cgroup2 hierarchy is mounted (the v2 root, or `unified` on hybrid hosts)."""
+def _cgroup2_entry(mounts: str | None = None) -> tuple[str, list[str]] | None:
     for line in (mounts if mounts is not None else _read("/proc/self/mounts") or "").splitlines():
         f = line.split()
         if len(f) >= 4 and f[2] == "cgroup2":
-            return f[1]
+            return f[1], f[3].split(",")
     return None
+
+
+def cgroup2_mount(mounts: str | None = None) -> str | None:
+    """Where a cgroup2 hierarchy is mounted (the v2 root, or `unified` on hybrid hosts)."""
+    entry = _cgroup2_entry(mounts)
+    return entry[0] if entry else None
 
 
 def favor_dynmods(mounts: str | None = None) -> str:
@@ -82,13 +87,11 @@ def favor_dynmods(mounts: str | None = None) -> str:
     Returns what happened, for the node's log."""
     if os.environ.get(FAVOR_ENV, "1") == "0":
         return f"left as is ({FAVOR_ENV}=0)"
-    text = mounts if mounts is not None else _read("/proc/self/mounts") or ""
-    where = cgroup2_mount(text)
-    if where is None:
+    found = _cgroup2_entry(mounts)
+    if found is None:
         return "no cgroup2 mount to set favordynmods on"
-    opts = next((ln.split()[3] for ln in text.splitlines()
-                 if len(ln.split()) >= 4 and ln.split()[1] == where), "")
-    if "favordynmods" in opts.split(","):
+    where, opts = found
+    if "favordynmods" in opts:
         return f"favordynmods already set on {where}"
     if mounts is not None:           # a dry run on given mount text (tests)
         return f"would set favordynmods on {where}"

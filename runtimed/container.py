@@ -16,6 +16,7 @@ import enum
 import json
 import logging
 import os
+import shutil
 import signal as _signal
 import time
 from collections import deque
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 from sdk.exception import ContainerCrashError, ExecutionError, FunctionTimeoutError, OOMError
 
-from . import archive, bundle, cgroups, criu_restore, protocol, rootfs
+from . import archive, bundle, cgroups, criu_env, criu_restore, protocol, rootfs
 from .netns import NetnsHandle, NetworkManager
 
 if TYPE_CHECKING:
@@ -554,22 +555,16 @@ class Container:
             await self._lazy_daemon.wait()
         if self._lazy_watch is not None:
             await asyncio.wait([self._lazy_watch], timeout=5)
-        log_keep = os.environ.get("RUNTIMED_KEEP_CRIU_LOGS")
-        if log_keep and (self.dir / "criu-work" / "restore.log").exists():
-            os.makedirs(log_keep, exist_ok=True)
-            os.replace(self.dir / "criu-work" / "restore.log", f"{log_keep}/{self.id}.log")
-            lazy_log = (self._lazy_spare_dir or self.dir / "criu-work") / "lazy-pages.log"
-            if lazy_log.exists():
-                os.replace(lazy_log, f"{log_keep}/{self.id}.lazy.log")
+        if criu_env.keep_log(self.dir / "criu-work" / "restore.log", f"{self.id}.log"):
+            criu_env.keep_log((self._lazy_spare_dir or self.dir / "criu-work") / "lazy-pages.log",
+                              f"{self.id}.lazy.log")
         if self._lazy_spare_dir is not None:
-            import shutil
             shutil.rmtree(self._lazy_spare_dir, ignore_errors=True)
             self._lazy_spare_dir = None
         if self._mounted:
             rootfs.teardown(self.dir, keep_upper=self.cfg.keep_upper)
             self._mounted = False
         elif not self.cfg.keep_upper:
-            import shutil
             shutil.rmtree(self.dir, ignore_errors=True)
         if self.netns is not None:
             net, self.netns = self.netns, None

@@ -117,3 +117,21 @@ def _env_with(bindir: Path, extra: dict[str, str | None]) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{bindir}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     return env
+
+
+KEEP_LOGS_ENV = "RUNTIMED_KEEP_CRIU_LOGS"      # a dir: CRIU's logs are kept there (profiling)
+
+
+def keeping_logs() -> bool:
+    return bool(os.environ.get(KEEP_LOGS_ENV))
+
+
+def keep_log(src: Path, name: str, *, move: bool = True) -> bool:
+    """Put the CRIU log `src` into $RUNTIMED_KEEP_CRIU_LOGS as `name`; False when logs are
+    not being kept or `src` does not exist."""
+    keep = os.environ.get(KEEP_LOGS_ENV)
+    if not keep or not src.exists():
+        return False
+    os.makedirs(keep, exist_ok=True)
+    (os.replace if move else shutil.copy)(src, os.path.join(keep, name))
+    return True

@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cgroups
+from . import cgroups, criu_env
 from .runc import criu_log_tail
 
 # runc adds these device nodes to every container and records them as external mounts.
@@ -107,7 +107,7 @@ def log_level() -> int:
     unless logs are being kept for profiling (RUNTIMED_KEEP_CRIU_LOGS)."""
     if os.environ.get("RUNTIMED_CRIU_LOG_LEVEL", "").isdigit():
         return int(os.environ["RUNTIMED_CRIU_LOG_LEVEL"])
-    return 4 if os.environ.get("RUNTIMED_KEEP_CRIU_LOGS") else 2
+    return 4 if criu_env.keeping_logs() else 2
 
 
 def argv(criu: str, p: RestorePlan, netns_fd: int | None) -> list[str]:

@@ -35,7 +35,7 @@ from cuda_restore.checkpoint import fallback, snapshot_gpu_meta
 from cuda_restore.errors import CudaCheckpointError
 from cuda_restore.guard import cuda_context_pids, find_cuda_blockers
 
-from . import archive, cgroups, gpu_snapshot
+from . import archive, cgroups, criu_env, gpu_snapshot
 from .container import Container, RestoreSource
 from .gpu_snapshot import GpuTarget
 from .runc import Runc
@@ -159,10 +159,8 @@ class SnapshotManager:
                 await self.runc.checkpoint(c.id, tmp, self.work / f"{c.id}-criu")
                 timings["dump_ms"] = (time.perf_counter() - t) * 1000
                 criu_image.skip_network_lock(tmp)
-                if os.environ.get("RUNTIMED_KEEP_CRIU_LOGS"):     # for profiling dumps
-                    keep = os.environ["RUNTIMED_KEEP_CRIU_LOGS"]
-                    os.makedirs(keep, exist_ok=True)
-                    shutil.copy(self.work / f"{c.id}-criu" / "dump.log", f"{keep}/{c.id}-dump.log")
+                criu_env.keep_log(self.work / f"{c.id}-criu" / "dump.log", f"{c.id}-dump.log",
+                                  move=False)
             except Exception as e:
                 kept = self.root / "failed" / f"{c.id}-dump.log"
                 kept.parent.mkdir(exist_ok=True)

@@ -7,6 +7,7 @@ Only what the node patches is decoded: everything else is carried through byte f
 """
 from __future__ import annotations
 
+import os
 import struct
 
 
@@ -119,7 +120,6 @@ def skip_network_lock(image_dir) -> None:
     made fresh, with nothing to lock, and the snapshot guard refuses established TCP,
     the one thing the lock protects. runc 1.1.5 has no option for the method, and CRIU
     4.1.1 dies in RPC mode when a config file sets it, so the node patches the dump."""
-    import os
     path = os.path.join(image_dir, INVENTORY)
     with open(path, "rb") as f:
         data = f.read()
