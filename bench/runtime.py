@@ -273,7 +273,8 @@ def private_runtime(port: int | None = None, startup_timeout: float = 120.0) -> 
     """`python -m runtimed.cli up --port P` with a fresh RUNTIMED_STATE; the SDK's default
     client points at it inside the block; SIGTERM (then SIGKILL) to its process group
     (its own session, started here) at the end. Image layers are rebuilt in a fresh state
-    dir, so the first builds are slow."""
+    dir, so the first builds are slow. BENCH_KEEP_STATE=1 keeps that dir (node and mount
+    server logs) for a look afterwards."""
     state = Path(tempfile.mkdtemp(prefix="bench-runtimed-"))
     port = port or free_port_pair()
     env = dict(os.environ, RUNTIMED_STATE=str(state))
@@ -316,7 +317,9 @@ def private_runtime(port: int | None = None, startup_timeout: float = 120.0) -> 
             proc.wait(timeout=10)
         logf.close()
         left = mounts_under(str(state))
-        if left:
+        if os.environ.get("BENCH_KEEP_STATE") == "1":
+            print(f"[bench] state dir kept (BENCH_KEEP_STATE=1): {state}", file=sys.stderr)
+        elif left:
             print(f"[bench] the private runtime left {len(left)} mounts under {state}; "
                   "state dir kept", file=sys.stderr)
         else:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import LazyFSError
@@ -131,6 +132,7 @@ def cmd_serve(a: argparse.Namespace) -> dict:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
+    t0 = time.monotonic()
     src = open_source(spec.source)
     # the TOC becomes ~100,000 long-lived objects: collecting while they are made costs
     # ~0.1 s of the mount, and traversing them later costs every collection of the server
@@ -140,9 +142,10 @@ def cmd_serve(a: argparse.Namespace) -> dict:
         gc.freeze()
     finally:
         gc.enable()
-    logging.getLogger("lazyfs").info("serving %s (%d inodes, TOC %s%s) at %s", src.describe(),
-                                     len(blob.tree.nodes), blob.toc_digest,
-                                     "" if spec.toc_digest else " unverified", spec.mountpoint)
+    logging.getLogger("lazyfs").info("serving %s (%d inodes, TOC %s%s) at %s; TOC read and "
+                                     "parsed in %.3fs", src.describe(), len(blob.tree.nodes),
+                                     blob.toc_digest, "" if spec.toc_digest else " unverified",
+                                     spec.mountpoint, time.monotonic() - t0)
     layer = spec.source.digest or spec.source.location
     rec = Recorder(spec.record_path, layer) if spec.record_path else None
     cache = ChunkCache(spec.cache_dir)
@@ -152,7 +155,7 @@ def cmd_serve(a: argparse.Namespace) -> dict:
         view = LayerView(blob, cache, rec)
         serve(view, spec.mountpoint, fsname=f"lazyfs:{layer[:19]}", prefetch=spec.prefetch,
               fetch_all=spec.fetch_all, status_path=spec.status_path,
-              allow_other=spec.allow_other, workset_dir=spec.workset_dir,
+              allow_other=spec.allow_other, view_dir=spec.view_dir, workset=spec.workset,
               workset_only=spec.workset_only)
     finally:
         cache.unpin()

@@ -28,6 +28,7 @@ import pyfuse3
 import trio
 
 from .errors import LazyFSError
+from .metatree import write_metatree
 from .tree import ROOT_INO, Node
 from .view import LayerView
 
@@ -174,15 +175,16 @@ def _write_json(path: Path, doc: dict) -> None:
 
 def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch: bool = True,
           fetch_all: bool = False, status_path: str | None = None, allow_other: bool = True,
-          workset_dir: str | None = None, workset_only: bool = False,
+          view_dir: str | None = None, workset: bool = True, workset_only: bool = False,
           on_mounted: Callable[[], None] | None = None) -> None:
     """Mount `view` at `mountpoint` and serve until unmounted or SIGTERM/SIGINT.
 
-    Blocks. With `workset_dir`, the prefetch also writes the prioritized files there as
-    real files (see lazyfs.workset; `workset_only`: their chunks are not kept in the chunk
-    cache too). `status_path` gets a JSON status (source bytes, cache hits, errors,
-    prefetch, working set) twice a second while anything changes, and the access recorder
-    is flushed alike.
+    Blocks. With `view_dir`, the layer's meta tree is written to VIEW_DIR/meta before the
+    mount appears (lazyfs.metatree), and with `workset` the prefetch writes the
+    prioritized files whole into VIEW_DIR/data (lazyfs.workset; `workset_only`: their
+    chunks are not kept in the chunk cache too). `status_path` gets a JSON status (source
+    bytes, cache hits, errors, prefetch, meta tree, working set) twice a second while
+    anything changes, and the access recorder is flushed alike.
     """
     ops = LazyOperations(view)
     state: dict = {"terminated": False, "status": None}
@@ -199,17 +201,32 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
 
     def run_prefetch() -> None:
         try:
-            if workset_dir and not fetch_all:
-                view.prefetch_workset(workset_dir, stop, only=workset_only)
+            if data_dir and not fetch_all:
+                view.prefetch_workset(data_dir, stop, only=workset_only)
             else:
                 view.prefetch(stop, everything=fetch_all)
         except BaseException as e:       # a bug: say so where the node looks
             log.exception("prefetch failed")
             view.counters.prefetch_state = f"failed: {type(e).__name__}: {e}"
-            if workset_dir and view.counters.workset is None:
+            if data_dir and view.counters.workset is None:
                 view.counters.workset = {"state": f"failed: {type(e).__name__}: {e}"}
         housekeeping_once()              # the node waits for this status
 
+    data_dir = os.path.join(view_dir, "data") if view_dir and workset else None
+    if view_dir:
+        # before the mount appears (a node that sees the mount finds the tree complete),
+        # and before the prefetch starts: its decoding threads would make each of the
+        # ~60,000 system calls wait for the GIL (0.36 s instead of ~0.07 s, measured)
+        try:
+            st = write_metatree(view.tree, os.path.join(view_dir, "meta"))
+            view.counters.meta = {"state": "done", "entries": st.entries, "stubs": st.stubs,
+                                  "whiteouts": st.whiteouts, "seconds": st.seconds}
+            log.info("meta tree: %d entries (%d stubs) in %.3fs", st.entries, st.stubs,
+                     st.seconds)
+        except (LazyFSError, OSError) as e:
+            log.warning("no meta tree in %s (the node serves the FUSE mount alone): %s",
+                        view_dir, e)
+            view.counters.meta = {"state": f"failed: {type(e).__name__}: {e}"}
     if prefetch or fetch_all:
         # started before the FUSE mount: what the node waits for need not wait for its setup
         threading.Thread(target=run_prefetch, name="lazyfs-prefetch", daemon=True).start()
@@ -221,6 +238,7 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
     except BaseException:
         stop.set()
         raise
+    log.info("FUSE mount live at %s", mountpoint)
 
     async def on_signals() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:

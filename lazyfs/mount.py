@@ -90,7 +90,8 @@ class MountSpec:
     status_path: str | None = None       # status JSON, rewritten while serving
     prefetch: bool = True                # prioritized area in the background
     fetch_all: bool = False              # then everything else, too
-    workset_dir: str | None = None       # after the prefetch: its files as a local dir
+    view_dir: str | None = None          # meta tree (+ working-set data) for a view, metatree.py
+    workset: bool = True                 # with view_dir: write the prefetched files' data
     workset_only: bool = False           # ... and their chunks not in the chunk cache
     allow_other: bool = True
     log_path: str | None = None          # set by mount() for a spare server: its log
@@ -233,7 +234,7 @@ def mount_layer(mountpoint: str | os.PathLike, *, digest: str, dispatcher_url: s
                 toc_digest: str | None, cache_dir: str = DEFAULT_CACHE, size: int | None = None,
                 record_path: str | None = None, status_path: str | None = None,
                 prefetch: bool = True, log_path: str | None = None,
-                workset_dir: str | None = None, workset_only: bool = False,
+                view_dir: str | None = None, workset: bool = True, workset_only: bool = False,
                 server: subprocess.Popen | None = None) -> MountHandle:
     """Mount the eStargz layer blob `digest` from the dispatcher's blob store, lazily
     (by the spare `server` when one is given, see spawn_server)."""
@@ -241,7 +242,7 @@ def mount_layer(mountpoint: str | os.PathLike, *, digest: str, dispatcher_url: s
                                        size=size),
                      mountpoint=str(mountpoint), toc_digest=toc_digest, cache_dir=cache_dir,
                      record_path=record_path, status_path=status_path, prefetch=prefetch,
-                     workset_dir=workset_dir, workset_only=workset_only)
+                     view_dir=view_dir, workset=workset, workset_only=workset_only)
     return mount(spec, log_path=log_path, server=server)
 
 

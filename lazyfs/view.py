@@ -28,6 +28,7 @@ log = logging.getLogger("lazyfs")
 MAX_PREFETCH_REQUEST = 32 << 20      # one range request of the prefetch covers at most this
 FIRST_PREFETCH_REQUEST = 1 << 20     # ... and its first one this (then twice the last)
 PREFETCH_WORKERS = 4                 # at most this many threads inflate and verify chunks
+WORKSET_READ_WAIT_S = 30.0           # a read waits this long for its working-set file
 
 __all__ = ["LayerView", "Recorder", "load_recorded"]
 
@@ -88,6 +89,7 @@ class _Counters:
     last_error: str = ""
     prefetch_state: str = "idle"
     workset: dict | None = None
+    meta: dict | None = None
 
 
 class LayerView:
@@ -96,6 +98,7 @@ class LayerView:
         self._inflight: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self.counters = _Counters()
+        self.workset = None          # the WorksetWriter of prefetch_workset, while it runs
 
     # -- metadata ------------------------------------------------------------------------
     def node(self, ino: int) -> Node | None:
@@ -123,6 +126,17 @@ class LayerView:
         end = min(node.size, offset + size)
         if offset >= end:
             return b""
+        ws = self.workset
+        if ws is not None and ws.holds(ino):
+            # a working-set file read before the view found it in the data dir: its chunks
+            # are being decoded into that file (and not into the cache), so wait for it
+            path = ws.wait_published(ino, WORKSET_READ_WAIT_S)
+            if path is not None:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    return os.pread(fd, end - offset, offset)
+                finally:
+                    os.close(fd)
         starts = [c.file_offset for c in node.chunks]
         i = bisect.bisect_right(starts, offset) - 1
         out = []
@@ -330,12 +344,12 @@ class LayerView:
 
     def prefetch_workset(self, dest: str | os.PathLike, stop: threading.Event | None = None,
                          *, only: bool = False) -> dict:
-        """`prefetch`, writing the prioritized files as the local dir `dest` as they
-        arrive (lazyfs.workset), completed and renamed into place when the prefetch is.
-        With `only`, their chunks go to that dir alone, not into the chunk cache: for a
-        node whose containers wait for the dir, so they never read those files through
-        FUSE (one who does, e.g. when the dir failed, fetches them on demand).
-        Returns (and keeps for the status) what happened; never raises."""
+        """`prefetch`, writing each prioritized file whole into the data dir `dest` as it
+        arrives (lazyfs.workset). With `only`, their chunks go to that dir alone, not into
+        the chunk cache: for a node whose containers wait for the working set, so they
+        never read those files through FUSE (one who does, e.g. when the writing failed,
+        fetches them on demand). Returns (and keeps for the status) what happened; never
+        raises."""
         from .workset import WorksetWriter, plan_workset
         plan = plan_workset(self.tree)
         out: dict[str, object]
@@ -356,6 +370,7 @@ class LayerView:
             except OSError as e:
                 failed.append(e)
         in_dir = set(writer.by_digest) if writer is not None and only else set()
+        self.workset = writer
         self.prefetch(stop, on_chunk=None if writer is None else write,
                       cache_skip=(lambda c: c.digest in in_dir) if in_dir else None)
         if plan.empty:
@@ -370,8 +385,7 @@ class LayerView:
             try:
                 st = writer.finish(lambda c: self._chunk_range(c, 0, c.size))
                 out = {"state": "done", "dir": str(dest), "files": st.files,
-                       "symlinks": st.symlinks, "dirs": st.dirs, "bytes": st.bytes,
-                       "seconds": st.seconds}
+                       "bytes": st.bytes, "seconds": st.seconds}
                 log.info("working set: %d files (%.1f MiB) written to %s, %.2fs after the "
                          "prefetch started", st.files, st.bytes / 2**20, dest, st.seconds)
             except (LazyFSError, OSError) as e:
@@ -389,5 +403,7 @@ class LayerView:
                    "last_error": c.last_error, "prefetch": c.prefetch_state}
             if c.workset is not None:
                 out["workset"] = dict(c.workset)
+            if c.meta is not None:
+                out["meta"] = dict(c.meta)
         out["source"] = {"describe": self.blob.source.describe(), **self.blob.source.stats()}
         return out

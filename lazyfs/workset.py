@@ -1,32 +1,31 @@
-"""A lazy mount's working set as real files: a local dir stacked above the FUSE mount.
+"""A lazy mount's working set as whole local files: the view's first data-only layer.
 
 A layer blob with a recorded working set (the prioritized area before the prefetch
-landmark) is prefetched at mount time. Serving those files through the FUSE server still
-costs a userspace round trip per read, so the mount server also writes them into a plain
-local directory (the "ws dir") with the layer's paths, owners, modes, mtimes and xattrs,
-and the node stacks that directory ABOVE the FUSE mount as an extra overlay lower dir:
+landmark) is prefetched at mount time. Serving those files through the FUSE server costs
+a userspace round trip per read, so the mount server also writes each of them, complete,
+into a local directory (the "data dir", on the node's tmpfs), under the path its meta-tree
+stub redirects to (lazyfs.metatree): in the view
 
-    lowerdir=...:<ws dir>:<FUSE mount>:<layers below>
+    lowerdir=<meta>::<data>::<FUSE mount>
 
-overlayfs then serves working-set files from the local filesystem in the kernel, and only
-misses (files, and the rest of the directories' entries) go to FUSE. The union is the
-layer because the ws dir holds only regular files, symlinks and the directories on their
-paths, each as in the TOC, and never an overlay whiteout or opaque marker (an opaque dir
-in the ws dir would hide the FUSE layer's other entries; the FUSE layer keeps hiding what
-it hides below it).
+a stub opened once its file is in the data dir reads from there, in the kernel; one
+opened before (a start that did not wait for the working set) reads through FUSE, whose
+reads of prefetched chunks wait for the prefetch rather than fetching them again.
 
-`plan_workset` is pure; `WorksetWriter` (fed by the prefetch as it decodes chunks) and
-`write_workset` write into a temp dir next to the destination and rename it into place, so the ws dir exists only when complete: a node decides by its
-existence whether a new container gets it. It refuses any name that is not a clean
-relative path (the TOC's names were already checked by build_tree; the check is repeated
-so a hand-made tree cannot escape), creates every parent itself and every file with
-O_EXCL|O_NOFOLLOW, so nothing is written outside the destination.
+Each file is written in a staging dir and renamed into place once complete, so a file in
+the data dir is always whole and verified (every chunk was checked against its TOC digest
+before it got here). Only data goes there: names, owners, modes, mtimes and xattrs come
+from the meta tree. A hard-linked inode is stored once, under its canonical name.
+
+`plan_workset` is pure; `WorksetWriter` (fed by the prefetch as it decodes chunks, from
+several threads) and `write_workset` write the files. Every name is checked to be a clean
+relative path, parents are created by the writer itself and files with
+O_EXCL|O_NOFOLLOW, so nothing is written outside the data dir.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -34,17 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UnsafeEntryError
-from .reader import apply_attrs
+from .metatree import canonical_name
 from .toc import clean_name
 from .tree import Chunk, Tree
 
 __all__ = ["WorksetPlan", "WorksetStats", "WorksetWriter", "plan_workset", "write_workset"]
 
+
 @dataclass(frozen=True)
 class WorksetPlan:
-    dirs: tuple[str, ...]         # parents first
-    files: tuple[str, ...]        # regular files (every name of a hard-linked inode)
-    symlinks: tuple[str, ...]     # symlinks whose target is a file of the working set
+    files: tuple[str, ...]        # canonical names of the non-empty regular files
 
     @property
     def empty(self) -> bool:
@@ -54,50 +52,20 @@ class WorksetPlan:
 @dataclass(frozen=True)
 class WorksetStats:
     files: int
-    symlinks: int
-    dirs: int
     bytes: int
     seconds: float
 
 
-def _resolve(link: str, target: str) -> str | None:
-    """The layer path a symlink at `link` names (lexically, one hop), or None."""
-    base = "" if target.startswith("/") else link.rpartition("/")[0]
-    parts: list[str] = []
-    for p in f"{base}/{target}".split("/"):
-        if p in ("", "."):
-            continue
-        if p == "..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(p)
-    return "/".join(parts) or None
-
-
 def plan_workset(tree: Tree) -> WorksetPlan:
-    """Pure: what the ws dir holds for `tree`: its prioritized regular files, every other
-    name of those inodes (so link counts match the layer), the symlinks pointing at them,
-    and the directories on all their paths."""
-    wanted = {tree.paths[n] for n in tree.prioritized if n in tree.paths}
-    wanted = {i for i in wanted if tree.nodes[i].is_reg}
-    files, symlinks = [], []
-    for name, ino in tree.paths.items():
-        node = tree.nodes[ino]
-        if ino in wanted:
-            files.append(name)
-        elif stat.S_ISLNK(node.mode):
-            target = _resolve(name, node.link_target)
-            if target is not None and tree.paths.get(target) in wanted:
-                symlinks.append(name)
-    dirs: set[str] = set()
-    for name in files + symlinks:
-        parent = name.rpartition("/")[0]
-        while parent and parent not in dirs:
-            dirs.add(parent)
-            parent = parent.rpartition("/")[0]
-    return WorksetPlan(dirs=tuple(sorted(dirs)), files=tuple(sorted(files)),
-                       symlinks=tuple(sorted(symlinks)))
+    """Pure: the files of `tree`'s prioritized area that have data, each inode once, by
+    the canonical name its meta-tree stubs redirect to."""
+    names = set()
+    for name in tree.prioritized:
+        ino = tree.paths.get(name)
+        node = tree.nodes[ino] if ino is not None else None
+        if node is not None and node.is_reg and node.size:
+            names.add(canonical_name(node))
+    return WorksetPlan(files=tuple(sorted(names)))
 
 
 def _checked(name: str) -> str:
@@ -107,73 +75,47 @@ def _checked(name: str) -> str:
 
 
 class WorksetWriter:
-    """Builds the ws dir for `plan` in a temp dir beside `dest` (which must not exist).
+    """Writes the files of `plan` into the data dir `dest` (created if missing).
 
-    Construction creates the directories and the symlinks (regular files are created by
-    their first write);
     `chunk(c, data)` writes a verified chunk into every working-set file holding it, as the
-    prefetch decodes it (so the data is written once, straight from memory; several
-    threads may call it at once, each place is written once); `finish` (after the last
-    `chunk` call returned) reads the chunks no `chunk` call brought (e.g. already in the
-    chunk cache), gives every entry its attributes and renames the dir into place;
-    `abort` removes it.
+    prefetch decodes it (the data is written once, straight from memory; several threads
+    may call it at once, each place is written once); a file is renamed into place the
+    moment its last chunk is written. `finish` (after the last `chunk` call returned)
+    reads the chunks no `chunk` call brought (e.g. already in the chunk cache) and
+    completes the rest; `abort` drops the files not complete yet (complete ones stay:
+    they are whole and verified).
 
-    Files are not fsynced: the ws dir is a cache a node rebuilds at every mount (it deletes
-    a leftover before mounting), never the only copy of anything.
+    Files are not fsynced: the data dir is a cache a node rebuilds at every mount, never
+    the only copy of anything.
     """
 
     def __init__(self, tree: Tree, plan: WorksetPlan, dest: str | os.PathLike):
         self.t0 = time.monotonic()
         self.tree, self.plan, self.dest = tree, plan, Path(dest)
-        if self.dest.exists():
-            raise FileExistsError(f"working set dir {self.dest} already exists")
-        self.tmp = self.dest.with_name(f".tmp-{self.dest.name}-{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.mkdir(self.tmp, 0o700)
-        self.owner = os.geteuid() == 0
         self.bytes = 0
-        self.first: dict[int, str] = {}                  # inode -> the path written
+        self.published = 0
+        self.name: dict[int, str] = {}                   # inode -> canonical name
         self.left: dict[int, set[int]] = {}              # inode -> file offsets still missing
         self.by_digest: dict[str, list[tuple[int, Chunk]]] = {}
         self.created: set[int] = set()
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}                   # inode -> fd of a file being written
         self._busy: dict[int, int] = {}                  # inode -> writes under way
-        try:
-            self._create()
-        except BaseException:
-            self.abort()
-            raise
-
-    def _create(self) -> None:
-        root, tree = str(self.tmp), self.tree
-        created = {""}
-
-        def path_of(name: str) -> str:
-            _checked(name)
-            if name.rpartition("/")[0] not in created:
-                raise UnsafeEntryError(name, "its parent is not a directory of the working set")
-            return os.path.join(root, name)
-        for name in self.plan.dirs:
-            path = path_of(name)
-            if not tree.nodes[tree.paths[name]].is_dir:
-                raise UnsafeEntryError(name, "is not a directory in the layer")
-            os.mkdir(path, 0o700)
-            created.add(name)
-        for name in self.plan.files + self.plan.symlinks:
-            path = path_of(name)
-            node = tree.nodes[tree.paths[name]]
-            if node.ino in self.first:
-                continue                                 # other names: linked in finish
-            if stat.S_ISLNK(node.mode):
-                os.symlink(node.link_target, path)
-            elif node.is_reg:              # created by its first write
-                self.left[node.ino] = {c.file_offset for c in node.chunks}
-                for c in node.chunks:
-                    self.by_digest.setdefault(c.digest, []).append((node.ino, c))
-            else:
-                raise UnsafeEntryError(name, "only regular files and symlinks go to a working set")
-            self.first[node.ino] = path
+        self._ready: dict[int, threading.Event] = {}     # inode -> set once published/aborted
+        for name in plan.files:
+            node = tree.nodes[tree.paths[_checked(name)]]
+            if not node.is_reg:
+                raise UnsafeEntryError(name, "only regular files go to a working set")
+            self.name[node.ino] = name
+            self._ready[node.ino] = threading.Event()
+            self.left[node.ino] = {c.file_offset for c in node.chunks}
+            for c in node.chunks:
+                self.by_digest.setdefault(c.digest, []).append((node.ino, c))
+        # names checked first: a hostile plan leaves nothing behind
+        os.makedirs(self.dest, 0o700, exist_ok=True)
+        self.staging = self.dest / f".staging-{os.getpid()}"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        os.mkdir(self.staging, 0o700)
 
     def _take(self, c: Chunk) -> list[tuple[int, Chunk, int]]:
         """Claim the places `c` goes to that no one wrote yet: (inode, chunk there, fd);
@@ -188,21 +130,48 @@ class WorksetWriter:
                 flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
                 if ino not in self.created:
                     flags |= os.O_CREAT | os.O_EXCL
-                fd = self._fds[ino] = os.open(self.first[ino], flags, 0o600)
+                fd = self._fds[ino] = os.open(self.staging / str(ino), flags, 0o600)
                 self.created.add(ino)
             left.discard(at.file_offset)
             self._busy[ino] = self._busy.get(ino, 0) + 1
             out.append((ino, at, fd))
         return out
 
-    def _done(self, ino: int, n: int) -> None:
-        """One write to `ino` ended (`n` bytes): its file is closed once nothing of it is
-        left to write and no write is under way. Under the lock."""
+    def _done(self, ino: int, n: int) -> bool:
+        """One write to `ino` ended (`n` bytes): True when that completed the file (it is
+        closed then and must be published). Under the lock."""
         self.bytes += n
         self._busy[ino] -= 1
         if not self._busy[ino] and not self.left[ino]:
             del self._busy[ino]
             os.close(self._fds.pop(ino))
+            return True
+        return False
+
+    def _publish(self, ino: int) -> None:
+        """Rename a complete file into place (its parents made here, never followed links:
+        the data dir holds only what this writer made)."""
+        name = self.name[ino]
+        parent = name.rpartition("/")[0]
+        if parent:
+            os.makedirs(self.dest / parent, 0o700, exist_ok=True)
+        os.rename(self.staging / str(ino), self.dest / name)
+        with self._lock:
+            self.published += 1
+        self._ready[ino].set()
+
+    def holds(self, ino: int) -> bool:
+        return ino in self.name
+
+    def wait_published(self, ino: int, timeout: float | None = None) -> Path | None:
+        """The data file of working-set inode `ino` once it is complete (blocks until then,
+        or `timeout`); None if the writer failed or gave up first. For readers that reach
+        the file through FUSE before it was written: they read it from here instead of
+        fetching its chunks again."""
+        if not self._ready[ino].wait(timeout):
+            return None
+        path = self.dest / self.name[ino]
+        return path if not self.left[ino] and path.exists() else None
 
     def chunk(self, c: Chunk, data: bytes) -> None:
         """Write the verified chunk `c` wherever the working set holds it. Thread-safe:
@@ -210,46 +179,30 @@ class WorksetWriter:
         with self._lock:
             places = self._take(c)
         for ino, at, fd in places:
-            n = 0
+            n, complete = 0, False
             try:
                 n = os.pwrite(fd, data, at.file_offset)
                 if n != len(data):
-                    raise OSError(f"short write to {self.first[ino]}: {n} of {len(data)} bytes")
+                    raise OSError(f"short write to {self.name[ino]}: {n} of {len(data)} bytes")
             finally:
                 with self._lock:
-                    self._done(ino, n)
+                    complete = self._done(ino, n)
+            if complete:
+                self._publish(ino)
 
     def finish(self, read_chunk: Callable[[Chunk], bytes]) -> WorksetStats:
-        """Complete and publish the dir; `read_chunk` returns a missing chunk's verified
-        bytes. On failure the temp dir is removed and the error raised."""
+        """Complete every file; `read_chunk` returns a missing chunk's verified bytes. On
+        failure the incomplete files are removed and the error raised."""
         try:
-            tree, root = self.tree, str(self.tmp)
             for ino in list(self.left):
-                for c in tree.nodes[ino].chunks:
+                for c in self.tree.nodes[ino].chunks:
                     if c.file_offset in self.left[ino]:
                         self.chunk(c, read_chunk(c))
-                if ino not in self.created:     # empty files
-                    os.close(os.open(self.first[ino], os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-                    self.created.add(ino)
-            self._close()
-            for name in self.plan.files + self.plan.symlinks:
-                node = tree.nodes[tree.paths[name]]
-                path = os.path.join(root, name)
-                if self.first[node.ino] != path:
-                    os.link(self.first[node.ino], path, follow_symlinks=False)
-                else:
-                    apply_attrs(path, node, self.owner, overlay_xattrs=False)
-            # directories last and deepest first: creating their entries changed their mtimes
-            for name in (*reversed(self.plan.dirs), ""):
-                apply_attrs(os.path.join(root, name) if name else root,
-                            tree.nodes[tree.paths[name]], self.owner, overlay_xattrs=False)
-            os.rename(self.tmp, self.dest)
+            os.rmdir(self.staging)
         except BaseException:
             self.abort()
             raise
-        return WorksetStats(files=len(self.plan.files), symlinks=len(self.plan.symlinks),
-                            dirs=len(self.plan.dirs), bytes=self.bytes,
+        return WorksetStats(files=self.published, bytes=self.bytes,
                             seconds=round(time.monotonic() - self.t0, 3))
 
     def _close(self) -> None:
@@ -261,11 +214,13 @@ class WorksetWriter:
 
     def abort(self) -> None:
         self._close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        for ev in self._ready.values():         # readers waiting fall back to the chunks
+            ev.set()
 
 
 def write_workset(tree: Tree, plan: WorksetPlan, read_chunk: Callable[[Chunk], bytes],
                   dest: str | os.PathLike) -> WorksetStats:
-    """Write `plan` (from `plan_workset(tree)`) as the new directory `dest` at once, every
-    chunk from `read_chunk` (verified bytes); atomic, see WorksetWriter."""
+    """Write the files of `plan` (from `plan_workset(tree)`) into the data dir `dest` at
+    once, every chunk from `read_chunk` (verified bytes); see WorksetWriter."""
     return WorksetWriter(tree, plan, dest).finish(read_chunk)

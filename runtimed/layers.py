@@ -29,7 +29,7 @@ class LayerStore:
         self._hits: dict[str, int] = {}
         self._full_key: dict[str, str] = {}
         self.lazy: dict = {}            # layer key -> lazyfs MountHandle
-        self.workset: dict[str, Path] = {}   # layer key -> its lazy mount's working-set dir
+        self.views: dict[str, Path] = {}     # layer key -> its lazy mount's view (lazyfs.metatree)
         for d in root.iterdir():
             if (d / "key").exists():
                 self._full_key[d.name] = (d / "key").read_text().strip()
@@ -51,22 +51,17 @@ class LayerStore:
 
     def fs(self, key: str) -> Path:
         """The directory to use as an overlay lower dir: the local copy when complete, else
-        the layer's lazy (FUSE) mount while the full pull is under way."""
+        while the full pull is under way the layer's lazy mount: its view (the kernel
+        answers metadata, working-set files are local) or, without one, the FUSE mount."""
         if key == BASE_KEY:
             return self.base_rootfs
         if key in self.lazy and not self.has(key):
-            return Path(self.lazy[key].mountpoint)
+            return self.views.get(key) or Path(self.lazy[key].mountpoint)
         return self.path(key) / "fs"
 
     def lower_dirs(self, key: str) -> list[Path]:
-        """The overlay lower dirs for layer `key`, bottom-up: `fs(key)`, and above a lazy
-        mount its working-set dir once that is complete (it appears by an atomic rename),
-        so the kernel serves those files from local disk and only misses go to FUSE."""
-        below = self.fs(key)
-        ws = self.workset.get(key)
-        if ws is not None and key in self.lazy and not self.has(key) and ws.is_dir():
-            return [below, ws]
-        return [below]
+        """The overlay lower dirs for layer `key`, bottom-up."""
+        return [self.fs(key)]
 
     def adopt_dir(self, key: str, upper: Path, source: str = "built") -> Path:
         """Move a finished build's upper dir in as layer `key` (atomic rename)."""

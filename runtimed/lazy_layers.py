@@ -2,15 +2,17 @@
 
 The life of a layer this node lacks (see docs/design.md, "Lazy images"):
 
-1. mount   its eStargz from the dispatcher over FUSE (`lazyfs.mount_layer`) and use the
-           mount as the overlay lower dir at once; the mount prefetches the blob's
-           prioritized area (the recorded working set, if the blob has one) in few large
-           range reads and records which files the container opens. When the blob has a
-           recorded working set, the mount server then writes those files as a local
-           directory that is stacked above the FUSE mount in the container's overlay
-           (`LayerStore.lower_dirs`, lazyfs/workset.py), so they are read from local disk
-           in the kernel, not through the FUSE server; with the `wait` policy (default)
-           the mount waits for that directory, so the first container gets it too;
+1. mount   its eStargz from the dispatcher over FUSE (`lazyfs.mount_layer`); the mount
+           prefetches the blob's prioritized area (the recorded working set, if the blob
+           has one) in few large range reads and records which files the container opens.
+           The mount server writes the layer's metadata as a local tree of overlay
+           metacopy stubs and the working set's files whole into a data dir, and the node
+           mounts the "view" (lazyfs/metatree.py): a read-only overlay of that tree with
+           the data dir and the FUSE mount as data-only layers, used as the containers'
+           lower dir. The kernel answers every lookup and readdir, working-set files are
+           read from the tmpfs, only other files' data goes through FUSE. With the `wait`
+           policy (default) the start waits until the working set is written; `nowait`
+           starts at once (files opened before they are written read through FUSE);
 2. pull    the full tar.zst behind it. With the `defer` policy (default) the pull waits
            until the first call on the layer finished (bounded by PULL_DEFER_S), so it
            does not compete with that call's on-demand reads for the CPUs, and unpacks at
@@ -47,12 +49,13 @@ log = logging.getLogger(__name__)
 
 PULL_POLICIES = ("defer", "now")
 WORKSET_POLICIES = ("wait", "nowait", "off")
-WORKSET_WAIT_S = 60.0                # the longest a mount waits for its working-set dir
+WORKSET_WAIT_S = 60.0                # the longest a mount waits for its working set
 PULL_DEFER_S = 30.0                  # the longest a full pull waits for the first call
 PRUNE_INTERVAL_S = 30.0
 DEFAULT_CACHE_BUDGET_MB = 4096
-DEFAULT_WORKSET_TMPFS = "25%"        # tmpfs size for working-set dirs ("0": node's disk)
-WORKSET_RELEASE_S = 60.0             # a local layer's unused working-set dir goes after this
+DEFAULT_WORKSET_TMPFS = "25%"        # tmpfs size for view dirs ("0": node's disk)
+WORKSET_RELEASE_S = 60.0             # a local layer's unused view goes after this
+VIEW_MIN_KERNEL = (6, 8)             # data-only lower layers (6.5), escaped xwhiteouts (6.8)
 UNPACK_WAIT_S = 120.0                # the longest forget() waits for a background unpack
 
 
@@ -61,6 +64,16 @@ def _env_int(name: str, default: int) -> int:
         return int(os.environ.get(name, default))
     except ValueError:
         return default
+
+
+def view_supported(release: str | None = None) -> bool:
+    """Whether this kernel mounts views (lazyfs.metatree) with the semantics they need."""
+    release = release or os.uname().release
+    try:
+        version = tuple(int(x) for x in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return version >= VIEW_MIN_KERNEL
 
 
 def _thread_nice(value: int) -> None:
@@ -77,12 +90,14 @@ class LazyLayers:
         self.dir, self.layers, self.blobs = node_dir, layers, blobs
         self.mount_dir = node_dir / "lz"
         self.cache_dir = node_dir / "lazy-cache"
-        # working-set dirs live on a tmpfs: they are rebuilt at every mount (never the only
-        # copy), and creating their ~1,000 files on the node's ext4 (no journal here) cost
-        # as much CPU as inflating them when many inodes were freed in the last minutes
-        # (each new inode skips the recently deleted ones); the RAM they take is given
-        # back once the layer is local and no container's overlay uses the dir any more
+        # view dirs (meta tree + working-set data) live on a tmpfs: they are rebuilt at
+        # every mount (never the only copy), and creating their ~10,000 entries on the
+        # node's ext4 (no journal here) cost as much CPU as inflating the data when many
+        # inodes were freed in the last minutes (each new inode skips the recently
+        # deleted ones); the RAM they take is given back once the layer is local and no
+        # container's overlay uses the view any more
         self.ws_root = self.mount_dir / "ws"
+        self.use_views = os.environ.get("RUNTIMED_LAZY_VIEW", "1") != "0" and view_supported()
         self.ws_tmpfs = os.environ.get("RUNTIMED_LAZY_WS_TMPFS", DEFAULT_WORKSET_TMPFS)
         self._local_since: dict[str, float] = {}      # layer key -> when seen local (ws held)
         # a mount server started ahead, its imports done, waiting for its mount (saves
@@ -115,8 +130,9 @@ class LazyLayers:
         return (self.mount_dir / k, self.mount_dir / f"{k}.access.json",
                 self.mount_dir / f"{k}.status.json")
 
-    def _ws_dir(self, key: str) -> Path:
-        return self.ws_root / key[:16]
+    def _view_paths(self, key: str) -> tuple[Path, Path]:
+        """(the dir the mount server writes meta/ and data/ into, the view's mountpoint)"""
+        return self.ws_root / key[:16], self.mount_dir / f"{key[:16]}.view"
 
     def _mount_ws_root(self) -> None:
         """The tmpfs for working-set dirs (a plain dir when that is off or fails)."""
@@ -148,49 +164,70 @@ class LazyLayers:
                             return True
         return False
 
-    def release_worksets(self, grace_s: float = WORKSET_RELEASE_S) -> list[str]:
-        """Drop the working-set dirs of layers that are local now (new containers use the
-        local layer) once `grace_s` passed (a container being set up may still have chosen
-        the lazy lower dirs) and no overlay uses them: overlayfs lower dirs must not change
-        under a mounted overlay, so a dir in use stays. Returns the keys released."""
+    def release_views(self, grace_s: float = WORKSET_RELEASE_S) -> list[str]:
+        """Drop the views of layers that are local now (new containers use the local layer)
+        once `grace_s` passed (a container being set up may still have chosen the view)
+        and no overlay uses them: overlayfs lower dirs must not change under a mounted
+        overlay, so a view in use stays. Returns the keys released."""
         now, out = time.monotonic(), []
-        for key in list(self.layers.workset):
+        for key in list(self.layers.views):
             if not self.layers.has(key):
                 self._local_since.pop(key, None)
                 continue
             since = self._local_since.setdefault(key, now)
-            if now - since < grace_s or self._overlays_using(self._ws_dir(key)):
+            if now - since < grace_s or self._overlays_using(self._view_paths(key)[1]):
                 continue
-            self._drop_workset(key)
+            self._drop_view(key)
             out.append(key)
         if out:
-            log.info("released the working-set dirs of %d local layers", len(out))
+            log.info("released the views of %d local layers", len(out))
         return out
 
-    def _drop_workset(self, key: str) -> None:
-        self.layers.workset.pop(key, None)
+    def _drop_view(self, key: str) -> None:
+        """Unmount the layer's view (detached: a container still using it keeps it) and
+        remove its dirs; before the FUSE mount goes, which the view holds busy."""
+        from .rootfs import umount
+        self.layers.views.pop(key, None)
         self._local_since.pop(key, None)
-        ws = self._ws_dir(key)
-        shutil.rmtree(ws, ignore_errors=True)
-        for tmp in ws.parent.glob(f".tmp-{ws.name}-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        view_dir, mp = self._view_paths(key)
+        if os.path.ismount(mp):
+            umount(str(mp))
+        shutil.rmtree(view_dir, ignore_errors=True)
 
-    @staticmethod
-    def _wait_workset(h, ws: Path, timeout: float = WORKSET_WAIT_S) -> str:
-        """Block until the mount's working-set dir is complete or will not come (its
-        prefetch or write failed, the server exited, `timeout`); returns the outcome."""
+    def _mount_view(self, key: str, fuse_mp: Path, with_data: bool) -> Path | None:
+        """Mount the view over the tree the mount server wrote; None (the FUSE mount is
+        used alone) when it did not write one or the mount fails."""
+        from lazyfs.metatree import view_options
+
+        from .rootfs import MS_RDONLY, MountError, mount
+        view_dir, mp = self._view_paths(key)
+        if not (view_dir / "meta").is_dir():
+            return None
+        data = [view_dir / "data"] if with_data else []
+        for d in data:
+            d.mkdir(mode=0o700, exist_ok=True)
+        mp.mkdir(exist_ok=True)
+        try:
+            mount("overlay", str(mp), "overlay", MS_RDONLY,
+                  view_options(view_dir / "meta", [*data, fuse_mp]))
+        except (MountError, ValueError) as e:
+            log.warning("layer %s: no view, containers read the FUSE mount: %s", key[:16], e)
+            return None
+        return mp
+
+    def _wait_workset(self, h, timeout: float = WORKSET_WAIT_S) -> str:
+        """Block until the mount's working set is written or will not be (its prefetch or
+        write failed, the server exited, `timeout`); returns the outcome."""
         deadline = time.monotonic() + timeout
         while True:
-            if ws.is_dir():
-                return "done"
             state = (h.status().get("workset") or {}).get("state")
-            if state is not None and state != "done":
+            if state is not None:
                 return state
             if h.proc.poll() is not None:
                 return "server exited"
             if time.monotonic() > deadline:
                 return "timeout"
-            time.sleep(0.01)
+            time.sleep(0.005)
 
     async def mount(self, key: str, info: dict) -> bool:
         """Policy: a layer this node lacks is mounted lazily so the container starts now;
@@ -207,32 +244,42 @@ class LazyLayers:
             mp, record, status = self._paths(key)
             mp.mkdir(parents=True, exist_ok=True)
             status.unlink(missing_ok=True)         # an earlier mount's, not this one's
-            self._drop_workset(key)                # ... and so is a working-set dir left
-            ws = self._ws_dir(key)
-            use_ws = self.prefetch and self.workset != "off" and bool(info.get("prefetch_files"))
+            self._drop_view(key)                   # ... and so is a view left
+            view_dir, _ = self._view_paths(key)
+            if self.use_views:
+                view_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            use_ws = self.use_views and self.prefetch and self.workset != "off" \
+                and bool(info.get("prefetch_files"))
             loop = asyncio.get_running_loop()
             server, self._spare = self._spare, None
+            t_mount = time.perf_counter()
             try:
                 h = await loop.run_in_executor(None, lambda: lazyfs.mount_layer(
                     mp, digest=info["estargz_digest"], dispatcher_url=self.blobs.base_url,
                     token=self.token, toc_digest=info.get("toc_digest"),
                     size=info.get("estargz_size"), cache_dir=str(self.cache_dir),
                     record_path=str(record), status_path=str(status),
-                    prefetch=self.prefetch, workset_dir=str(ws) if use_ws else None,
-                    # containers wait for the dir, so none reads those files via FUSE:
-                    # their chunks need not be stored twice (~0.8 s of a 2-core node)
-                    workset_only=self.workset == "wait", server=server))
+                    prefetch=self.prefetch, view_dir=str(view_dir) if self.use_views else None,
+                    workset=use_ws,
+                    # working-set chunks are not stored twice (~0.8 s of a 2-core node):
+                    # a start that reads such a file through FUSE before it is written
+                    # waits for the file and reads it from the data dir
+                    workset_only=True, server=server))
             except Exception as e:  # noqa: BLE001 - fall back to a full pull
                 log.warning("lazy mount of layer %s failed, pulling it fully: %s", key[:16], e)
                 if server is not None:
                     self._spawn(self._refill_spare())
                 return False
-            if use_ws:
-                self.layers.workset[key] = ws
-                if self.workset == "wait":
+            log.info("layer %s: lazy mount live after %.3fs", key[:16],
+                     time.perf_counter() - t_mount)
+            view = await loop.run_in_executor(
+                None, self._mount_view, key, Path(h.mountpoint), use_ws) if self.use_views else None
+            if view is not None:
+                self.layers.views[key] = view
+                if use_ws and self.workset == "wait":
                     t0 = time.perf_counter()
-                    outcome = await loop.run_in_executor(None, self._wait_workset, h, ws)
-                    log.info("layer %s: working-set dir %s after %.2fs", key[:16], outcome,
+                    outcome = await loop.run_in_executor(None, self._wait_workset, h)
+                    log.info("layer %s: working set %s after %.2fs", key[:16], outcome,
                              time.perf_counter() - t0)
             self.layers.lazy[key] = h
             self._first_call[key] = asyncio.Event()
@@ -385,7 +432,7 @@ class LazyLayers:
             # in its thread and is dropped)
             behind.cancel()
         self._first_call.pop(key, None)
-        self._drop_workset(key)
+        self._drop_view(key)
         job = self._unpacking.pop(key, None)
         if job is not None and not job.done():
             # an unpack cannot be stopped midway (it then drops what it wrote): wait for it,
@@ -422,9 +469,9 @@ class LazyLayers:
         while True:
             try:
                 await self.prune()
-                await asyncio.get_running_loop().run_in_executor(None, self.release_worksets)
+                await asyncio.get_running_loop().run_in_executor(None, self.release_views)
             except Exception as e:  # noqa: BLE001 - try again next round
-                log.warning("chunk cache pruning or working-set release failed: %s", e)
+                log.warning("chunk cache pruning or view release failed: %s", e)
             await asyncio.sleep(interval)
 
     def start(self, token: str | None) -> None:
@@ -444,7 +491,8 @@ class LazyLayers:
                          bytes_fetched=(st.get("source") or {}).get("bytes_received"),
                          fetched_chunks=st.get("fetched_chunks"),
                          prefetched_chunks=st.get("prefetched_chunks"),
-                         prefetch=st.get("prefetch"), workset=st.get("workset"))
+                         prefetch=st.get("prefetch"), workset=st.get("workset"),
+                         view=k in self.layers.views, meta=st.get("meta"))
             if k in self.published:
                 entry["published_prefetch_files"] = self.published[k]["prefetch_files"]
 
@@ -474,11 +522,11 @@ class LazyLayers:
             t.cancel()
         loop = asyncio.get_running_loop()
         for key, h in list(self.layers.lazy.items()):
+            self._drop_view(key)
             try:
                 await loop.run_in_executor(None, h.unmount)
             except Exception as e:  # noqa: BLE001
                 log.warning("unmount of lazy layer %s: %s", key[:16], e)
-            self._drop_workset(key)
         self.layers.lazy.clear()
         await loop.run_in_executor(None, self._stop_spare)
         self._unpacks.shutdown(wait=False, cancel_futures=True)

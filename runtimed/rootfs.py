@@ -12,6 +12,7 @@ from pathlib import Path
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 MNT_DETACH = 2
+MS_RDONLY = 1
 MAX_OPTIONS = 4000  # overlayfs takes its options in one page
 
 

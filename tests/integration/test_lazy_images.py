@@ -159,13 +159,18 @@ def test_recorded_prefetch_is_published_and_prefetched_by_later_mounts(runtime):
         assert entry["bytes_fetched"] < 10_000_000, entry       # not the 20 MB file
         # the small file came with the prefetch, not by its own range read
         assert entry["fetched_chunks"] <= entry["prefetched_chunks"], entry
-        # ... and was written to the working-set dir stacked above the FUSE mount, which
-        # the mount waited for (lazy_workset=wait), so this container's overlay had it
+        # ... and was written whole to the view's data dir, which the mount waited for
+        # (lazy_workset=wait); the container's lower dir was the view (meta tree + data
+        # dir + FUSE), mounted by the node
         assert (entry.get("workset") or {}).get("state") == "done", entry
-        ws = runtime.node_dir / "lz" / "ws" / key[:16]
-        assert (ws / "data/small.txt").read_text() == f"small-{RUN}\n"
-        assert os.path.ismount(ws.parent)                      # on the node's ws tmpfs
-        assert not (ws / "data/big.bin").exists()
+        assert entry.get("view") and (entry.get("meta") or {}).get("state") == "done", entry
+        vd = runtime.node_dir / "lz" / "ws" / key[:16]
+        assert (vd / "data/data/small.txt").read_text() == f"small-{RUN}\n"
+        stub = os.stat(vd / "meta/data/big.bin")                # a stub: metadata only
+        assert stub.st_size == 20_000_000 and stub.st_blocks == 0
+        assert not (vd / "data/data/big.bin").exists()
+        assert os.path.ismount(vd.parent)                      # on the node's ws tmpfs
+        assert os.path.ismount(runtime.node_dir / "lz" / f"{key[:16]}.view")
 
 
 def test_dispatcher_refuses_an_estargz_with_other_files(runtime, tmp_path):

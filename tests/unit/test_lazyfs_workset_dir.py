@@ -1,4 +1,5 @@
-"""Working-set dirs (lazyfs.workset): what goes in, and hostile trees cannot write outside."""
+"""Working-set data dirs (lazyfs.workset) and views on a node: what goes in, when files
+appear, and hostile trees cannot write outside."""
 from __future__ import annotations
 
 import os
@@ -32,17 +33,18 @@ def _read(c: Chunk) -> bytes:
     return b"x" * c.size
 
 
-def test_plan_takes_hard_links_symlinks_and_parent_dirs(tmp_path: Path):
+def test_plan_takes_each_inode_once_by_its_canonical_name(tmp_path: Path):
     layer = make_layer(tmp_path / "layer")
-    blob = write_layer(layer, tmp_path / "l.esgz", prioritized=["etc/hello.txt", "bin/tool"])
+    blob = write_layer(layer, tmp_path / "l.esgz",
+                       prioritized=["usr/lib/hello-link", "bin/tool", "etc/empty", "usr/rel-link"])
     src = FileBlobSource(str(blob.path))
     try:
         plan = plan_workset(open_estargz(src).tree)
     finally:
         src.close()
-    assert plan.files == ("bin/tool", "etc/hello.txt", "usr/lib/hello-link")
-    assert plan.symlinks == ("usr/abs-link", "usr/rel-link")
-    assert plan.dirs == ("bin", "etc", "usr", "usr/lib")
+    # the hard link's data goes under its canonical (first) name, which every stub of that
+    # inode redirects to; empty files and symlinks have no data to hold
+    assert plan.files == ("bin/tool", "etc/hello.txt")
 
 
 def test_no_prioritized_area_plans_nothing():
@@ -52,68 +54,80 @@ def test_no_prioritized_area_plans_nothing():
 @pytest.mark.parametrize("bad", ["../evil", "a/../../evil", "/abs/evil", "./a"])
 def test_hostile_names_write_nothing_outside(tmp_path: Path, bad: str):
     tree = _tree({bad: _reg(2, bad)}, (bad,))
-    dest = tmp_path / "inner" / "ws"
+    dest = tmp_path / "inner" / "data"
     dest.parent.mkdir()
     with pytest.raises(UnsafeEntryError):
-        write_workset(tree, WorksetPlan(dirs=(), files=(bad,), symlinks=()), _read, dest)
+        write_workset(tree, WorksetPlan(files=(bad,)), _read, dest)
     assert sorted(os.listdir(tmp_path)) == ["inner"]
-    assert os.listdir(dest.parent) == []            # temp dir removed, nothing renamed in
+    assert os.listdir(dest.parent) in ([], ["data"])
+    assert not dest.exists() or os.listdir(dest) == []
 
 
-def test_a_path_through_a_symlink_is_refused(tmp_path: Path):
-    # "d" is a symlink to "/": "d/x" must not be written through it
-    tree = _tree({"d": Node(ino=2, name="d", mode=stat.S_IFLNK | 0o777, link_target="/tmp"),
-                  "d/x": _reg(3, "d/x")}, ("d/x",))
-    with pytest.raises(UnsafeEntryError):
-        write_workset(tree, WorksetPlan(dirs=("d",), files=("d/x",), symlinks=()), _read,
-                      tmp_path / "ws")
-    with pytest.raises(UnsafeEntryError):      # nor when the plan forgets the parent dir
-        write_workset(tree, WorksetPlan(dirs=(), files=("d/x",), symlinks=()), _read,
-                      tmp_path / "ws")
-    assert os.listdir(tmp_path) == []
+def test_a_file_appears_only_once_complete(tmp_path: Path):
+    c0 = Chunk(offset=0, end=1, inner_offset=0, file_offset=0, size=2, digest="sha256:" + "1" * 64)
+    c1 = Chunk(offset=1, end=2, inner_offset=0, file_offset=2, size=2, digest="sha256:" + "2" * 64)
+    big = Node(ino=3, name="a/big", mode=stat.S_IFREG | 0o644, size=4, chunks=(c0, c1))
+    tree = _tree({"a": Node(ino=2, name="a", mode=stat.S_IFDIR | 0o755), "a/big": big,
+                  "small": _reg(4, "small", b"ss")}, ("a/big", "small"))
+    w = WorksetWriter(tree, plan_workset(tree), tmp_path / "data")
+    w.chunk(c0, b"AA")
+    assert not (tmp_path / "data/a/big").exists()       # half written: still staged
+    assert w.wait_published(3, timeout=0.01) is None
+    w.chunk(c1, b"BB")
+    assert (tmp_path / "data/a/big").read_bytes() == b"AABB"
+    assert w.wait_published(3, timeout=0) == tmp_path / "data/a/big"
+    asked = []
+    st = w.finish(lambda c: asked.append(c.digest) or b"SS")
+    assert asked == [tree.nodes[4].chunks[0].digest]
+    assert (st.files, st.bytes) == (2, 6)
+    assert (tmp_path / "data/small").read_bytes() == b"SS"
+    assert sorted(os.listdir(tmp_path / "data")) == ["a", "small"]   # staging dir gone
 
 
-def test_written_atomically_and_never_over_an_existing_dir(tmp_path: Path):
-    tree = _tree({"a": Node(ino=2, name="a", mode=stat.S_IFDIR | 0o750),
-                  "a/f": _reg(3, "a/f", b"abc")}, ("a/f",))
-    dest = tmp_path / "ws"
-    st = write_workset(tree, plan_workset(tree), _read, dest)
-    assert (st.files, st.dirs, st.bytes) == (1, 1, 3)
-    assert (dest / "a/f").read_bytes() == b"xxx"
-    assert stat.S_IMODE(os.stat(dest / "a").st_mode) == 0o750
-    assert os.listdir(tmp_path) == ["ws"]
-    with pytest.raises(FileExistsError):
-        write_workset(tree, plan_workset(tree), _read, dest)
-
-
-def test_streamed_chunks_are_written_once_and_the_rest_read_at_finish(tmp_path: Path):
+def test_readers_waiting_for_a_file_get_it_or_fall_back_when_the_writer_gives_up(tmp_path: Path):
+    import threading
     a, b = _reg(2, "a", b"aaaa"), _reg(3, "b", b"bb")
     tree = _tree({"a": a, "b": b}, ("a", "b"))
-    w = WorksetWriter(tree, plan_workset(tree), tmp_path / "ws")
-    assert not (tmp_path / "ws").exists()                # nothing visible before finish
+    w = WorksetWriter(tree, plan_workset(tree), tmp_path / "data")
+    got: dict[str, object] = {}
+    readers = [threading.Thread(target=lambda n=n, i=i: got.__setitem__(n, w.wait_published(i)))
+               for n, i in (("a", 2), ("b", 3))]
+    for t in readers:
+        t.start()
     w.chunk(a.chunks[0], b"AAAA")
-    w.chunk(Chunk(0, 1, 0, 0, 1, "sha256:" + "f" * 64), b"?")   # not in the working set
-    asked = []
-    st = w.finish(lambda c: asked.append(c.digest) or b"BB")
-    assert asked == [b.chunks[0].digest] and st.bytes == 6
-    assert (tmp_path / "ws/a").read_bytes() == b"AAAA"
-    assert (tmp_path / "ws/b").read_bytes() == b"BB"
+    readers[0].join(timeout=5)
+    assert got["a"] == tmp_path / "data/a"
+    w.abort()                                            # b never came: its reader goes on
+    readers[1].join(timeout=5)
+    assert got["b"] is None and not readers[1].is_alive()
+    assert (tmp_path / "data/a").read_bytes() == b"AAAA"  # complete files stay
 
 
-def test_layer_store_stacks_a_complete_working_set_above_the_lazy_mount(tmp_path: Path):
+def test_layer_store_serves_a_lazy_layer_through_its_view_when_mounted(tmp_path: Path):
     from types import SimpleNamespace
 
     from runtimed.layers import LayerStore
     store = LayerStore(tmp_path / "l", tmp_path / "base")
     key = "ab" * 32
     store.lazy[key] = SimpleNamespace(mountpoint=str(tmp_path / "mnt"))
-    store.workset[key] = ws = tmp_path / "ws"
-    assert store.lower_dirs(key) == [tmp_path / "mnt"]          # not complete (not renamed in)
-    ws.mkdir()
-    assert store.lower_dirs(key) == [tmp_path / "mnt", ws]      # bottom-up: ws above FUSE
+    assert store.lower_dirs(key) == [tmp_path / "mnt"]          # no view: the FUSE mount
+    store.views[key] = tmp_path / "mnt.view"
+    assert store.lower_dirs(key) == [tmp_path / "mnt.view"]
     (store.path(key) / "fs").mkdir(parents=True)
     (store.path(key) / ".rtd-complete").touch()
     assert store.lower_dirs(key) == [store.path(key) / "fs"]    # local now: neither
+
+
+def test_view_options_and_kernel_check():
+    from lazyfs.metatree import view_options
+    from runtimed.lazy_layers import view_supported
+    assert view_options("/v/meta", ["/v/data", "/lz/ab"]) == \
+        "lowerdir=/v/meta::/v/data::/lz/ab,metacopy=on"
+    with pytest.raises(ValueError):
+        view_options("/v/me:ta", ["/lz/ab"])                  # ':' separates layers
+    assert view_supported("6.18.44-fc-v1045") and view_supported("6.8.0")
+    assert not view_supported("6.5.0-generic") and not view_supported("5.15.0")
+    assert not view_supported("weird")
 
 
 def test_chunks_from_many_threads_write_each_place_once_and_close_every_file(tmp_path: Path):
@@ -133,7 +147,7 @@ def test_chunks_from_many_threads_write_each_place_once_and_close_every_file(tmp
                                  size=size * chunks, chunks=cs)
     tree = _tree(nodes, tuple(nodes))
     fds_before = len(os.listdir("/proc/self/fd"))
-    w = WorksetWriter(tree, plan_workset(tree), tmp_path / "ws")
+    w = WorksetWriter(tree, plan_workset(tree), tmp_path / "data")
     work = [(c, body(int(n[1:]), c.file_offset // size))
             for n, node in nodes.items() for c in node.chunks]
     start = threading.Barrier(8)
@@ -151,12 +165,11 @@ def test_chunks_from_many_threads_write_each_place_once_and_close_every_file(tmp
     st = w.finish(lambda c: pytest.fail(f"chunk {c} was not written"))
     assert st.bytes == 40 * size * chunks                      # each place written once
     for n in nodes:
-        assert (tmp_path / "ws" / n).read_bytes() == b"".join(
+        assert (tmp_path / "data" / n).read_bytes() == b"".join(
             body(int(n[1:]), k) for k in range(chunks))
 
 
-def test_a_local_layers_working_set_dir_is_released_when_no_overlay_uses_it(
-        tmp_path: Path, monkeypatch):
+def test_a_local_layers_view_is_released_when_no_overlay_uses_it(tmp_path: Path, monkeypatch):
     from types import SimpleNamespace
 
     from runtimed.layers import LayerStore
@@ -165,19 +178,21 @@ def test_a_local_layers_working_set_dir_is_released_when_no_overlay_uses_it(
     lazy = LazyLayers(tmp_path, store, blobs=None)
     key = "cd" * 32
     store.lazy[key] = SimpleNamespace(mountpoint=str(tmp_path / "mnt"))
-    store.workset[key] = ws = lazy._ws_dir(key)
-    (ws / "f").mkdir(parents=True)
+    view_dir, mp = lazy._view_paths(key)
+    (view_dir / "meta").mkdir(parents=True)
+    mp.mkdir()
+    store.views[key] = mp
     in_use = {"yes": False}
     monkeypatch.setattr(LazyLayers, "_overlays_using", staticmethod(lambda p: in_use["yes"]))
-    assert lazy.release_worksets(grace_s=0) == [] and ws.is_dir()      # still lazy
+    assert lazy.release_views(grace_s=0) == [] and view_dir.is_dir()      # still lazy
     (store.path(key) / "fs").mkdir(parents=True)
-    (store.path(key) / ".rtd-complete").touch()                        # local now
-    assert lazy.release_worksets(grace_s=60) == [] and ws.is_dir()     # within the grace
+    (store.path(key) / ".rtd-complete").touch()                          # local now
+    assert lazy.release_views(grace_s=60) == [] and view_dir.is_dir()     # within the grace
     in_use["yes"] = True
-    assert lazy.release_worksets(grace_s=0) == [] and ws.is_dir()      # an overlay has it
+    assert lazy.release_views(grace_s=0) == [] and view_dir.is_dir()      # an overlay has it
     in_use["yes"] = False
-    assert lazy.release_worksets(grace_s=0) == [key]
-    assert not ws.exists() and key not in store.workset
+    assert lazy.release_views(grace_s=0) == [key]
+    assert not view_dir.exists() and key not in store.views
 
 
 def test_overlays_using_reads_the_lower_dirs_of_overlay_mounts(tmp_path: Path, monkeypatch):
