@@ -131,12 +131,12 @@ class Runtime:
 
     def evict_layers(self, keys: list[str], lazy_images: bool,
                      only: list[str] | None = None, lazy_prefetch: bool = True,
-                     lazy_workset: str = "wait") -> None:
+                     lazy_workset: str = "nowait") -> None:
         """Make every node (or those in `only`) forget these layers and their cached
         chunks (a node with an empty image cache) and choose lazy mounts (prefetching the
         blob's recorded working set or not; `lazy_workset`: whether that working set is
-        also written as a local dir stacked above the FUSE mount, waited for or not) or
-        full pulls for the next start."""
+        also written whole into the view's data dir, waited for or not) or full pulls for
+        the next start."""
         for _node, nc in self.node_clients(only):
             nc.json("POST", "/v1/config", {"lazy_images": lazy_images,
                                            "lazy_prefetch": lazy_prefetch,

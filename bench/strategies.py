@@ -218,7 +218,7 @@ def _layer_keys(fn: Function) -> list[str]:
 
 
 def _empty_image_cache(ctx: Ctx, fn: Function, args: tuple, lazy: bool,
-                       prefetch: bool = False, workset: str = "wait") -> dict:
+                       prefetch: bool = False, workset: str = "nowait") -> dict:
     keys = _layer_keys(fn)
     # Every idle container on these layers must go (other strategies' variants of this
     # workload keep some): a node refuses to forget a layer a container still uses.
@@ -240,8 +240,8 @@ def empty_cache_lazy_prefetch(ctx: Ctx, fn: Function, args: tuple) -> dict:
     return _empty_image_cache(ctx, fn, args, True, prefetch=True)
 
 
-def empty_cache_lazy_prefetch_nowait(ctx: Ctx, fn: Function, args: tuple) -> dict:
-    return _empty_image_cache(ctx, fn, args, True, prefetch=True, workset="nowait")
+def empty_cache_lazy_prefetch_wait(ctx: Ctx, fn: Function, args: tuple) -> dict:
+    return _empty_image_cache(ctx, fn, args, True, prefetch=True, workset="wait")
 
 
 def empty_cache_lazy_prefetch_fuse(ctx: Ctx, fn: Function, args: tuple) -> dict:
@@ -348,19 +348,18 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              group="image"),
     Strategy("lazy_prefetch", "lazy_image, with the layer's eStargz republished after an "
              "earlier lazy start with the files it opened first: the mount prefetches that "
-             "working set in large range reads and writes it as a local dir stacked above "
-             "the FUSE mount, which the start waits for (lazy_workset=wait)",
+             "working set in large range reads and writes each file whole into the view's "
+             "data dir while the container starts (lazy_workset=nowait, the default)",
              variant="plain", expect=("cold",), setup=record_working_set,
              prepare=empty_cache_lazy_prefetch, after=lazy_fetched,
              group="image"),
-    Strategy("lazy_prefetch_nowait", "lazy_prefetch, but the container starts as soon as "
-             "the FUSE mount is up, without waiting for the working-set dir (it gets FUSE "
-             "only; later containers get the dir)",
+    Strategy("lazy_prefetch_wait", "lazy_prefetch, but the container starts once the whole "
+             "working set is written (lazy_workset=wait)",
              variant="plain", expect=("cold",), setup=record_working_set,
-             prepare=empty_cache_lazy_prefetch_nowait, after=lazy_fetched,
+             prepare=empty_cache_lazy_prefetch_wait, after=lazy_fetched,
              group="image"),
-    Strategy("lazy_prefetch_fuse", "lazy_prefetch with every read through the FUSE server "
-             "(no working-set dir: lazy_workset=off, as before)",
+    Strategy("lazy_prefetch_fuse", "lazy_prefetch with all file data read through the FUSE "
+             "server, metadata from the view (lazy_workset=off)",
              variant="plain", expect=("cold",), setup=record_working_set,
              prepare=empty_cache_lazy_prefetch_fuse, after=lazy_fetched,
              group="image"),

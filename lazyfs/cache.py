@@ -12,12 +12,21 @@ Eviction is least recently used within a byte budget (`prune`). A chunk's mtime 
 last use: set when it is stored and touched the first time each mount process hits it.
 Chunks pinned by a live mount server are never pruned, so a container reading a lazy
 layer does not lose its working set under it.
+
+A mount server stores the chunks it fetches on demand with `put_behind`: they are served
+from memory at once and written by a background thread at the lowest CPU priority, so a
+read waiting for a chunk does not also wait for a new file on the node's disk (creating
+~1,100 chunk files during an import-heavy start cost 0.65 s of its 3.6 s: the same start
+with the cache on a tmpfs, measured with the bench's lazy_image).
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
+import queue
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +34,8 @@ from .errors import DigestMismatchError
 from .toc import check_digest
 
 __all__ = ["CacheUsage", "ChunkCache"]
+
+BEHIND_BYTES = 512 << 20      # chunks waiting for the background writer, at most
 
 
 @dataclass(frozen=True)
@@ -52,16 +63,72 @@ class ChunkCache:
         for d in ("tmp", "sha256", "pins"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self._touched: set[str] = set()
+        self._lock = threading.Lock()
+        self._behind: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._behind_bytes = 0
+        self._queue: queue.Queue[str | None] | None = None
+        self._writer: threading.Thread | None = None
 
     def path(self, digest: str) -> Path:
         hexd = check_digest(digest, "chunk digest")[len("sha256:"):]
         return self.root / "sha256" / hexd[:2] / hexd
 
     def has(self, digest: str) -> bool:
+        with self._lock:
+            if digest in self._behind:
+                return True
         return self.path(digest).exists()
+
+    def put_behind(self, digest: str, data: bytes) -> None:
+        """Store verified chunk bytes: readable from memory now, on disk soon (see the
+        module doc). Past BEHIND_BYTES waiting, stores at once instead."""
+        with self._lock:
+            if digest in self._behind:
+                return
+            if self._behind_bytes + len(data) <= BEHIND_BYTES:
+                self._behind[digest] = data
+                self._behind_bytes += len(data)
+                if self._writer is None:
+                    self._queue = queue.Queue()
+                    self._writer = threading.Thread(target=self._write_behind, daemon=True,
+                                                    name="lazyfs-cache-writer")
+                    self._writer.start()
+                assert self._queue is not None
+                self._queue.put(digest)
+                return
+        self.put(digest, data, verified=True)
+
+    def _write_behind(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
+        assert self._queue is not None
+        while (digest := self._queue.get()) is not None:
+            with self._lock:
+                data = self._behind.get(digest)
+            try:
+                if data is not None:
+                    self.put(digest, data, verified=True)
+            except OSError:
+                pass                        # a cache miss later, fetched again
+            finally:
+                with self._lock:
+                    if self._behind.pop(digest, None) is not None:
+                        self._behind_bytes -= len(data or b"")
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Wait until every chunk given to put_behind is on disk (or failed to be)."""
+        if self._queue is not None:
+            self._queue.join()
 
     def read(self, digest: str, offset: int = 0, length: int = -1) -> bytes | None:
         """Bytes [offset, offset+length) of a cached chunk (all when length < 0), or None."""
+        with self._lock:
+            data = self._behind.get(digest)
+        if data is not None:
+            return data[offset:] if length < 0 else data[offset:offset + length]
         try:
             fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -158,6 +158,7 @@ def cmd_serve(a: argparse.Namespace) -> dict:
               allow_other=spec.allow_other, view_dir=spec.view_dir, workset=spec.workset,
               workset_only=spec.workset_only)
     finally:
+        cache.flush()                 # chunks fetched last are on disk for the next mount
         cache.unpin()
     return {}
 

@@ -252,7 +252,7 @@ def main() -> None:
         if frame is None or frame.op == "exit":
             return
         if frame.op == "init":
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for k, v in (frame.get("env") or {}).items():
                 os.environ[k] = v          # e.g. CUDA_VISIBLE_DEVICES, before user code runs
             try:
@@ -260,6 +260,9 @@ def main() -> None:
                     sys.path.insert(0, frame.get("workdir"))
                 spec = cloudpickle.loads(frame.payload)
                 import_ms = (time.perf_counter() - t0) * 1000
+                # CPU time of the imports: far below import_ms means they waited (for
+                # I/O, e.g. a lazily mounted layer, or for a CPU)
+                import_cpu_ms = (time.process_time() - c0) * 1000
                 target = Target(spec)
                 target.run_hooks(snap=True)
                 if frame.get("snapshot"):
@@ -280,7 +283,8 @@ def main() -> None:
                 sys.stdout.flush(), sys.stderr.flush()
                 send("init_error", payload, **header)
                 return
-            send("ready", pid=os.getpid(), import_ms=import_ms, enter_ms=target.enter_ms)
+            send("ready", pid=os.getpid(), import_ms=import_ms, import_cpu_ms=import_cpu_ms,
+                 enter_ms=target.enter_ms)
             if frame.get("fork"):              # fork tier: the first call's child is ready too
                 zygote = Zygote(target)
                 zygote.fork_spare()

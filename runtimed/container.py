@@ -442,6 +442,8 @@ class Container:
 
     def _import_header(self, frame: protocol.Frame) -> None:
         self.spans.items["imports"] = round(float(frame.get("import_ms", 0)), 3)
+        if "import_cpu_ms" in frame.header:
+            self.spans.items["imports_cpu"] = round(float(frame.get("import_cpu_ms", 0)), 3)
         self.spans.items["enter"] = round(float(frame.get("enter_ms", 0)), 3)
 
     def _identity(self) -> dict:

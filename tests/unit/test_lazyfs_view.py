@@ -11,7 +11,7 @@ import pytest
 
 from lazyfs import FileBlobSource, open_estargz, write_layer
 from lazyfs.cache import ChunkCache
-from lazyfs.errors import DigestMismatchError, SourceUnavailableError
+from lazyfs.errors import DigestMismatchError, FormatError, SourceUnavailableError
 from lazyfs.testing import make_layer
 from lazyfs.view import LayerView, Recorder, load_recorded
 
@@ -82,6 +82,7 @@ def test_chunks_are_cached_by_digest_and_shared(tmp_path: Path, layer: Path):
     first = len(src.reads)
     assert first == 1
     digest = view.tree.nodes[ino].chunks[0].digest
+    view.cache.flush()                                 # written behind the read, at low priority
     assert (tmp_path / "cache/sha256" / digest[7:9] / digest[7:]).stat().st_size == CHUNK
     view.read(ino, 50, 1000)
     assert len(src.reads) == first                     # served from the cache
@@ -89,6 +90,23 @@ def test_chunks_are_cached_by_digest_and_shared(tmp_path: Path, layer: Path):
     view2 = LayerView(view.blob, ChunkCache(tmp_path / "cache"))
     assert view2.read(ino, 0, 100) == view.read(ino, 0, 100)
     assert len(src.reads) == first
+
+
+def test_chunks_written_behind_are_served_from_memory_until_on_disk(tmp_path: Path):
+    import hashlib
+    cache = ChunkCache(tmp_path / "cache")
+    gate = threading.Event()
+    real_put = cache.put
+    cache.put = lambda d, data, verified=False: gate.wait(10) and real_put(d, data, verified=verified)
+    data = b"chunk bytes" * 100
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    cache.put_behind(digest, data)
+    assert cache.has(digest) and cache.read(digest, 5, 20) == data[5:25]   # from memory
+    assert not cache.path(digest).exists()
+    gate.set()
+    cache.flush()
+    assert cache.path(digest).read_bytes() == data and cache.read(digest) == data
+    assert not cache._behind and cache._behind_bytes == 0
 
 
 def test_concurrent_reads_of_one_chunk_fetch_once(tmp_path: Path, layer: Path):
@@ -338,3 +356,53 @@ def test_chunks_decode_and_verify_with_either_inflate_library(tmp_path: Path, mo
     with pytest.raises(DigestMismatchError):
         other = view.tree.lookup(names[4]).chunks[0]
         reader.decode_chunk(other, src.read(c.offset, c.end - c.offset))
+
+
+def _small_files(tmp_path: Path, n: int = 30):
+    import os
+    d = tmp_path / "small"
+    (d / "pkg").mkdir(parents=True)
+    for i in range(n):                            # like a package's .py files: small, together
+        (d / f"pkg/mod{i:02}.py").write_bytes(os.urandom(3000))
+    (d / "pkg/zbig.so").write_bytes(os.urandom(200_000))   # a large member after them
+    b = write_layer(d, tmp_path / "s.esgz", chunk_size=CHUNK)
+    src = CountingSource(FileBlobSource(b.path))
+    view = LayerView(open_estargz(src, b.toc_digest), ChunkCache(tmp_path / "cache"))
+    src.reads.clear()
+    return d, src, view
+
+
+def test_an_on_demand_read_brings_the_small_files_after_it_in_one_request(tmp_path: Path):
+    d, src, view = _small_files(tmp_path)
+    names = [f"pkg/mod{i:02}.py" for i in range(30)]
+    assert view.read(_ino(view, names[0]), 0, 4096) == (d / names[0]).read_bytes()
+    assert len(src.reads) == 1
+    for n in names[1:]:                           # from the read-ahead, each verified
+        assert view.read(_ino(view, n), 0, 4096) == (d / n).read_bytes()
+    assert len(src.reads) == 1
+    assert view.status()["fetched_chunks"] == 30
+    # the large member after them was not part of it: it comes by its own request
+    big = view.tree.lookup("pkg/zbig.so").chunks[0]
+    assert all(off + length <= big.offset for off, length in src.reads)
+    assert view.read(_ino(view, "pkg/zbig.so"), 0, 10) == (d / "pkg/zbig.so").read_bytes()[:10]
+    assert len(src.reads) == 2
+
+
+def test_a_tampered_member_in_the_read_ahead_fails_only_its_own_read(tmp_path: Path):
+    d, src, view = _small_files(tmp_path, n=5)
+    victim = view.tree.lookup("pkg/mod03.py").chunks[0]
+    real_read = src.read
+
+    def corrupting(offset, length):
+        data = bytearray(real_read(offset, length))
+        if offset <= victim.offset + 20 < offset + length:
+            data[victim.offset + 20 - offset] ^= 0xFF
+        return bytes(data)
+    src.read = corrupting
+    assert view.read(_ino(view, "pkg/mod00.py"), 0, 4096) == (d / "pkg/mod00.py").read_bytes()
+    with pytest.raises((DigestMismatchError, FormatError)):
+        view.read(_ino(view, "pkg/mod03.py"), 0, 4096)
+    assert view.read(_ino(view, "pkg/mod04.py"), 0, 4096) == (d / "pkg/mod04.py").read_bytes()
+    assert not view.cache.has(victim.digest)      # nothing unverified was kept as data
+    src.read = real_read                          # the source is good again: fetched anew
+    assert view.read(_ino(view, "pkg/mod03.py"), 0, 4096) == (d / "pkg/mod03.py").read_bytes()
