@@ -210,6 +210,9 @@ def cmd_images(a) -> int:
                            "in_use_mb": f"{cc['pinned_bytes'] / 2**20:.1f}",
                            "budget_mb": f"{cc['budget_bytes'] / 2**20:.0f}"})
         for li in st.get("layers", []):
+            if li["state"] == "lazy" and li.get("view"):
+                ws = (li.get("workset") or {}).get("state")
+                li["state"] += " (view" + (f", working set {ws}" if ws else "") + ")"
             if li.get("published_prefetch_files"):
                 li["state"] += f" (published {li['published_prefetch_files']} prefetch files)"
             fetched = li.get("bytes_fetched")
@@ -218,8 +221,8 @@ def cmd_images(a) -> int:
                 "size_mb": f"{(li.get('size') or 0) / 2**20:.1f}" if li.get("size") else "",
                 "fetched_mb": f"{fetched / 2**20:.1f}" if fetched is not None else "",
                 "hits": li.get("hits", "")})
-    print("layers on nodes (local = unpacked; lazy = eStargz over FUSE, fetched on read; "
-          "remote = only in the blob store):")
+    print("layers on nodes (local = unpacked; lazy = eStargz over FUSE, fetched on read, "
+          "metadata from a local view when mounted; remote = only in the blob store):")
     on_nodes = {r["key"] for r in rows}
     rows += [{"node": "-", "key": r["key"][:16], "state": "remote"} for r in data["layers"]
              if r["key"][:16] not in on_nodes]
