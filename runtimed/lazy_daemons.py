@@ -58,6 +58,10 @@ class SpareLazyDaemons:
     def __len__(self) -> int:
         return len(self._spares)
 
+    def snapshots(self) -> list[str]:
+        """The snapshots (their image dirs' names) that have a spare now."""
+        return [Path(k).name for k in self._spares]
+
     def take(self, image_dir: Path) -> Spare | None:
         """The ready spare for `image_dir`, now owned by the caller (None: start one)."""
         spare = self._spares.pop(str(image_dir), None)

@@ -570,6 +570,8 @@ class Node:
                       for k, p in self.pools.items()},
             "active_calls": list(self.active.values()), "stats": dict(self.stats),
             "lazy_spares": len(self.ctx.lazy_spares) if self.ctx and self.ctx.lazy_spares else 0,
+            "lazy_spare_snapshots": self.ctx.lazy_spares.snapshots()
+            if self.ctx and self.ctx.lazy_spares else [],
             "layers": self._layer_states(), "chunk_cache": self.lazy.cache_usage,
             "lazy": self.lazy.config(),
         }

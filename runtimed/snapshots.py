@@ -426,13 +426,14 @@ class SnapshotManager:
     def list(self) -> list[dict]:
         out = []
         for m in self.store.list():
+            ws = self.working_set(m.snapshot_id) or {"pages": [], "recordings": 0}
             out.append({"snapshot_id": m.snapshot_id, "key": m.key, "function_id": m.function_id,
                         "image_id": m.image_id, "created_at": m.created_at,
                         "raw_size": m.raw_size, "stored_size": m.stored_size,
                         "hot": (self.hot / m.snapshot_id / "inventory.img").exists(),
                         "restore_modes": self.mode_stats(m.snapshot_id),
-                        "working_set_pages": len((self.working_set(m.snapshot_id) or
-                                                  {"pages": []})["pages"]),
+                        "working_set_pages": len(ws["pages"]),
+                        "working_set_recordings": ws["recordings"],
                         "meta": m.meta})
         return out
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from runtimed.snapshots import WS_RECORDINGS
+
 from sdk import App, Image, enter, method
 from snapshot import criu_image
 from sdk.exception import NodeUnavailableError
@@ -435,9 +437,13 @@ def test_lazy_restore_records_working_set_and_restores_it_eagerly(deployed, runt
     hot = _store(runtime).parent / "hot" / snap["snapshot_id"]
     assert (hot / ".working-set").exists()
     # A spare lazy-pages daemon, started for the snapshot after that restore, serves the
-    # next one: nothing to wait for, same bytes.
-    for _ in range(50):
-        if _node(runtime).json("GET", "/v1/status")["lazy_spares"] >= 1:
+    # next one: nothing to wait for, same bytes. (A restore that still records the
+    # working set runs its own daemon at -v4: the last recording is written when that
+    # restore's daemon exits, so wait for it first.)
+    for _ in range(100):
+        if _snapshot_of(runtime, fn)["working_set_recordings"] >= WS_RECORDINGS and \
+                snap["snapshot_id"] in _node(runtime).json(
+                    "GET", "/v1/status")["lazy_spare_snapshots"]:
             break
         time.sleep(0.2)
     _drain(fn)

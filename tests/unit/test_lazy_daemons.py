@@ -38,9 +38,10 @@ def test_spare_is_started_later_taken_once_and_reached_through_the_link(tmp_path
             await asyncio.sleep(0.01)
             if len(spares):
                 break
-        assert len(spares) == 1
+        assert len(spares) == 1 and spares.snapshots() == ["snap"]
         spare = spares.take(img)
         assert spare is not None and spares.take(img) is None
+        assert spares.snapshots() == []
         work = tmp_path / "ctr" / "criu-work"
         spares.link(spare, work)
         # What `criu restore --work-dir work` does: connect to work/lazy-pages.socket.
