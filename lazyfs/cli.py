@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from .errors import LazyFSError
+from .estargz import DEFAULT_CHUNK_SIZE
 
 TOKEN_ENV = "LAZYFS_TOKEN"
 
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out")
     p.add_argument("--prioritized-from", help="access record JSON from a mount")
     p.add_argument("--prioritize", action="append", help="a path to put first (repeatable)")
-    p.add_argument("--chunk-size", type=int, default=4 << 20)
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--skip-devices", action="store_true",
                    help="leave device nodes out (e.g. a base rootfs's /dev) instead of failing")
     p.set_defaults(fn=cmd_convert)
