@@ -221,3 +221,34 @@ def test_chunk_cache_budget_is_kept_and_shown(runtime):
         finally:
             node.json("POST", "/v1/config", {"lazy_cache_mb": 4096, "lazy_pull": "defer",
                                              "lazy_workset": "nowait"})
+
+
+@app.function(snapshot=True, scaledown_window=1)
+def read_small_snap():
+    return open("/data/small.txt").read().strip()
+
+
+def test_a_container_on_a_lazy_layers_view_is_snapshotted_and_restored(runtime):
+    """The snapshot is taken while the container's lower dir is the layer's view (overlay
+    over the meta tree, the data dir and the FUSE mount); its restore gives the same
+    answer, from the view or from the layer pulled since."""
+    from sdk.client import Client, default_client
+    node = Client(f"http://127.0.0.1:{runtime.node_port}", runtime.token)
+    with app.run(show_progress=False):
+        key = image.spec()["steps"][-1]["key"]
+        default_client().json("POST", f"/v1/functions/{read_small.object_id}/drain", {})
+        node.json("POST", f"/v1/layers/{key}/evict", {})
+        assert read_small_snap.remote() == f"small-{RUN}"       # cold, lazy, snapshotted
+        entry = _lazy_entry(runtime, key, lambda e: e.get("was_lazy"))
+        from runtimed.lazy_layers import view_supported
+        assert entry.get("was_lazy") and entry.get("view") == view_supported(), entry
+        deadline = time.monotonic() + 30
+        while not [s for s in node.json("GET", "/v1/snapshots")["snapshots"]
+                   if s["function_id"] == read_small_snap.object_id]:
+            assert time.monotonic() < deadline, "no snapshot was taken"
+            time.sleep(0.2)
+        default_client().json("POST", f"/v1/functions/{read_small_snap.object_id}/drain", {})
+        time.sleep(0.5)
+        assert read_small_snap.remote() == f"small-{RUN}"
+        assert read_small_snap.last_call.info["tier"].startswith("restore"), \
+            read_small_snap.last_call.info
