@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from .errors import FormatError, UnsafeEntryError
-from .toc import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC, TOCEntry, clean_name
+from .toc import (
+    NO_PREFETCH_LANDMARK,
+    PREFETCH_LANDMARK,
+    TOC,
+    TOCEntry,
+    clean_name,
+    frozen_new,
+)
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
 WHITEOUT_PREFIX = ".wh."
@@ -113,8 +120,10 @@ def _file_chunks(name: str, size: int, pieces: list[TOCEntry], toc_offset: int,
         digest = p.chunk_digest or (p.digest if len(pieces) == 1 else "")
         if not digest:
             raise FormatError(f"{name!r}: chunk at {p.chunk_offset} has no chunkDigest")
-        out.append(Chunk(p.offset, next_start[p.offset], p.inner_offset, p.chunk_offset, n,
-                         digest))
+        out.append(frozen_new(Chunk, {"offset": p.offset, "end": next_start[p.offset],
+                                      "inner_offset": p.inner_offset,
+                                      "file_offset": p.chunk_offset, "size": n,
+                                      "digest": digest}))
         expect += n
     if expect != size:
         raise FormatError(f"{name!r}: chunks cover {expect} of {size} bytes")
@@ -274,10 +283,10 @@ def _number(attrs: dict[str, _A], prefetch_end: int, prioritized: tuple[str, ...
             nlink = 2 + sum(1 for _, child in a.children.items() if attrs[child].is_dir)
         else:
             nlink = max(1, a.names)
-        nodes[ino] = Node(ino=ino, name=name, mode=a.mode, uid=a.uid, gid=a.gid, size=a.size,
-                          mtime_ns=a.mtime_ns, rdev=0, nlink=nlink, link_target=a.link_target,
-                          xattrs=tuple(sorted(a.xattrs.items())), chunks=a.chunks,
-                          children=children)
+        nodes[ino] = frozen_new(Node, dict(
+            ino=ino, name=name, mode=a.mode, uid=a.uid, gid=a.gid, size=a.size,
+            mtime_ns=a.mtime_ns, rdev=0, nlink=nlink, link_target=a.link_target,
+            xattrs=tuple(sorted(a.xattrs.items())), chunks=a.chunks, children=children))
     return Tree(nodes=nodes, paths=paths, prefetch_end=prefetch_end, prioritized=prioritized,
                 chunks_in_order=order)
 

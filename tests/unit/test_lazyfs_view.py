@@ -406,3 +406,18 @@ def test_a_tampered_member_in_the_read_ahead_fails_only_its_own_read(tmp_path: P
     assert not view.cache.has(victim.digest)      # nothing unverified was kept as data
     src.read = real_read                          # the source is good again: fetched anew
     assert view.read(_ino(view, "pkg/mod03.py"), 0, 4096) == (d / "pkg/mod03.py").read_bytes()
+
+
+def test_frozen_new_builds_the_same_immutable_value_as_the_constructor():
+    import dataclasses
+
+    from lazyfs.toc import TOCEntry, frozen_new
+    from lazyfs.tree import Chunk
+    kw = {"name": "a/b.py", "type": "reg", "size": 3, "offset": 7}
+    fast, slow = frozen_new(TOCEntry, kw), TOCEntry(**kw)
+    assert fast == slow and hash(fast) == hash(slow) and fast.xattrs == () and fast.uid == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.size = 4
+    c = frozen_new(Chunk, {"offset": 1, "end": 2, "inner_offset": 0, "file_offset": 0,
+                           "size": 5, "digest": "sha256:" + "a" * 64})
+    assert c == Chunk(1, 2, 0, 0, 5, "sha256:" + "a" * 64)
