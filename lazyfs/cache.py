@@ -33,7 +33,7 @@ from pathlib import Path
 from .errors import DigestMismatchError
 from .toc import check_digest
 
-__all__ = ["CacheUsage", "ChunkCache"]
+__all__ = ["CacheUsage", "ChunkCache", "lowest_thread_priority"]
 
 BEHIND_BYTES = 512 << 20      # chunks waiting for the background writer, at most
 
@@ -45,6 +45,16 @@ class CacheUsage:
     pinned_bytes: int
     freed_bytes: int = 0          # by the prune that measured this
     freed_chunks: int = 0
+
+
+def lowest_thread_priority() -> None:
+    """Nice 19 for the calling thread only (Linux schedules threads singly): for the mount
+    server's background work (the cache writer, the prefetch's decoding threads), which
+    yields to its other threads and the node's own work."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:
+        pass
 
 
 def _alive(pid: int) -> bool:
@@ -66,7 +76,7 @@ class ChunkCache:
         self._lock = threading.Lock()
         self._behind: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._behind_bytes = 0
-        self._queue: queue.Queue[str | None] | None = None
+        self._queue: queue.Queue[str] | None = None
         self._writer: threading.Thread | None = None
 
     def path(self, digest: str) -> Path:
@@ -99,12 +109,10 @@ class ChunkCache:
         self.put(digest, data, verified=True)
 
     def _write_behind(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except OSError:
-            pass
+        lowest_thread_priority()
         assert self._queue is not None
-        while (digest := self._queue.get()) is not None:
+        while True:                         # a daemon thread: ends with the process
+            digest = self._queue.get()
             with self._lock:
                 data = self._behind.get(digest)
             try:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UnsafeEntryError
+from .reader import apply_attrs
 from .toc import clean_name
 from .tree import OPAQUE_XATTR, Node, Tree
 
@@ -91,39 +92,6 @@ def _umask() -> int:
     return old
 
 
-class _Attrs:
-    """Gives entries their owner, mode, xattrs and mtime with as few system calls as it
-    can (10,000 entries per mount): an owner only when not the creator's, a mode only
-    when creating could not set it (umask, special bits)."""
-
-    def __init__(self) -> None:
-        self.owner = os.geteuid() == 0
-        self.me = (os.geteuid(), os.getegid())
-        self.umask = _umask()
-
-    def create_mode(self, node: Node) -> int:
-        return stat.S_IMODE(node.mode) & 0o777
-
-    def apply(self, target: int | str, node: Node, extra: dict[str, bytes],
-              created_mode: int | None) -> None:
-        """`target`: an fd, or a path (not followed: symlinks, directories)."""
-        follow = isinstance(target, int)
-        # chown clears setuid bits and security.capability: owner, then mode, then xattrs
-        if self.owner and (node.uid, node.gid) != self.me:
-            os.chown(target, node.uid, node.gid, **({} if follow else {"follow_symlinks": False}))
-        mode = stat.S_IMODE(node.mode)
-        if not stat.S_ISLNK(node.mode) and (created_mode is None
-                                            or mode != created_mode & ~self.umask):
-            os.chmod(target, mode)
-        for k, v in node.xattrs:
-            os.setxattr(target, escaped(k), v, **({} if follow else {"follow_symlinks": False}))
-        for k, v in extra.items():
-            os.setxattr(target, k, v, **({} if follow else {"follow_symlinks": False}))
-        if node.mtime_ns:
-            os.utime(target, ns=(node.mtime_ns, node.mtime_ns),
-                     **({} if follow else {"follow_symlinks": False}))
-
-
 def write_metatree(tree: Tree, dest: str | os.PathLike) -> MetaTreeStats:
     """Write `tree`'s metadata as the new directory `dest` (see the module doc). Needs root
     for owners and trusted.* xattrs; on failure nothing is left and the error is raised."""
@@ -134,7 +102,15 @@ def write_metatree(tree: Tree, dest: str | os.PathLike) -> MetaTreeStats:
     tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.mkdir(tmp, 0o700)
-    attrs = _Attrs()
+    # as few system calls as it can (10,000 entries per mount): an owner only when not
+    # the creator's, a mode only when creating could not set it (umask, special bits)
+    me, umask = (os.geteuid(), os.getegid()), _umask()
+
+    def apply(target: int | str, node: Node, extra: dict[str, bytes] | None = None,
+              created: int | None = None) -> None:
+        apply_attrs(target, node, me[0] == 0 and (node.uid, node.gid) != me,
+                    xattr_name=escaped, extra=extra,
+                    created_mode=None if created is None else created & ~umask)
     root = str(tmp)
     first: dict[int, str] = {}             # inode -> the path its first name was created at
     dirs: list[tuple[str, Node]] = []
@@ -160,7 +136,7 @@ def write_metatree(tree: Tree, dest: str | os.PathLike) -> MetaTreeStats:
                 os.mkdir(path, 0o700)                      # its attributes come last
                 dirs.append((name, node))
             elif stat.S_ISREG(mode) or is_whiteout(node):
-                created = 0o600 if is_whiteout(node) else attrs.create_mode(node)
+                created = 0o600 if is_whiteout(node) else stat.S_IMODE(node.mode) & 0o777
                 fd = os.open(path, flags, created)
                 try:
                     extra: dict[str, bytes] = {}
@@ -173,15 +149,15 @@ def write_metatree(tree: Tree, dest: str | os.PathLike) -> MetaTreeStats:
                         extra = {METACOPY_XATTR: b"",
                                  REDIRECT_XATTR: os.fsencode("/" + canonical_name(node))}
                         stubs += 1
-                    attrs.apply(fd, node, extra, created)
+                    apply(fd, node, extra, created)
                 finally:
                     os.close(fd)
             elif stat.S_ISLNK(mode):
                 os.symlink(node.link_target, path)
-                attrs.apply(path, node, {}, None)
+                apply(path, node)
             elif stat.S_ISFIFO(mode):
                 os.mkfifo(path, 0o600)
-                attrs.apply(path, node, {}, None)
+                apply(path, node)
             else:
                 raise UnsafeEntryError(name, f"unsupported file type {stat.filemode(mode)}")
         # directories last and deepest first: creating their entries changed their mtimes
@@ -189,7 +165,7 @@ def write_metatree(tree: Tree, dest: str | os.PathLike) -> MetaTreeStats:
             extra = {}
             if name in with_whiteouts and dict(node.xattrs).get(OPAQUE_XATTR) != b"y":
                 extra[XOPAQUE_XATTR] = b"x"      # "holds whiteouts", not opaque
-            attrs.apply(os.path.join(root, name) if name else root, node, extra, None)
+            apply(os.path.join(root, name) if name else root, node, extra)
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

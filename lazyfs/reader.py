@@ -15,6 +15,7 @@ import os
 import stat
 import tarfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -196,19 +197,26 @@ def extract(blob: EStargz, dest: Path) -> int:
     return len(tree.paths) - 1
 
 
-def apply_attrs(path: str, node: Node, owner: bool, *, overlay_xattrs: bool = True) -> None:
-    """Give `path` the owner (when `owner`), mode, xattrs and mtime of `node`;
-    `overlay_xattrs=False` leaves out trusted.overlay.* (opaque markers)."""
+def apply_attrs(target: str | int, node: Node, owner: bool, *,
+                xattr_name: Callable[[str], str] | None = None,
+                extra: dict[str, bytes] | None = None, created_mode: int | None = None) -> None:
+    """Give `target` (a path, not followed, or an fd) the owner (when `owner`), mode,
+    xattrs and mtime of `node`. `xattr_name` renames the layer's xattrs, `extra` adds
+    more; `created_mode`: the mode the entry got when created (no chmod when it is
+    already `node`'s)."""
+    kw = {} if isinstance(target, int) else {"follow_symlinks": False}
     # chown clears setuid bits and security.capability: owner, then mode, then xattrs
     if owner:
-        os.chown(path, node.uid, node.gid, follow_symlinks=False)
-    if not stat.S_ISLNK(node.mode):
-        os.chmod(path, stat.S_IMODE(node.mode))
+        os.chown(target, node.uid, node.gid, **kw)
+    mode = stat.S_IMODE(node.mode)
+    if not stat.S_ISLNK(node.mode) and mode != created_mode:
+        os.chmod(target, mode)
     for k, v in node.xattrs:
-        if overlay_xattrs or not k.startswith("trusted.overlay."):
-            os.setxattr(path, k, v, follow_symlinks=False)
+        os.setxattr(target, xattr_name(k) if xattr_name else k, v, **kw)
+    for k, v in (extra or {}).items():
+        os.setxattr(target, k, v, **kw)
     if node.mtime_ns:
-        os.utime(path, ns=(node.mtime_ns, node.mtime_ns), follow_symlinks=False)
+        os.utime(target, ns=(node.mtime_ns, node.mtime_ns), **kw)
 
 
 def blob_info(path: Path) -> LayerBlob:

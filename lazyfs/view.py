@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import ChunkCache
+from .cache import ChunkCache, lowest_thread_priority
 from .errors import FormatError, LazyFSError
 from .reader import INFLATE, EStargz, decode_chunk
 from .tree import Chunk, Node
@@ -30,23 +30,11 @@ MAX_PREFETCH_REQUEST = 32 << 20      # one range request of the prefetch covers 
 FIRST_PREFETCH_REQUEST = 1 << 20     # ... and its first one this (then twice the last)
 PREFETCH_WORKERS = 4                 # at most this many threads inflate and verify chunks
 WORKSET_READ_WAIT_S = 30.0           # a read waits this long for its working-set file
-DECODE_NICE = 19                     # nice value of the prefetch's decoding threads
 READAHEAD_BYTES = 1 << 20            # an on-demand fetch also brings the members up to this
 READAHEAD_MEMBER = 64 << 10          # ... as long as each is at most this (small files)
 RAW_CACHE_BYTES = 64 << 20           # ... kept compressed, decoded only when read
 
 __all__ = ["LayerView", "Recorder", "load_recorded"]
-
-
-def _lower_priority() -> None:
-    """For decoding threads (Linux schedules threads singly): they yield to the mount
-    server's other threads and the node's own work. (It does not give a container that
-    starts beside the prefetch more CPU: containers are in their own cgroups; measured
-    no difference in the bench.)"""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICE)
-    except OSError:
-        pass
 
 
 class Recorder:
@@ -371,7 +359,9 @@ class LayerView:
 
         fetcher = ThreadPoolExecutor(1, thread_name_prefix="lazyfs-prefetch")
         decoders = ThreadPoolExecutor(workers, thread_name_prefix="lazyfs-decode",
-                                      initializer=_lower_priority)
+                                      # (no measured effect on a container beside them:
+                                      # containers are in their own cgroups)
+                                      initializer=lowest_thread_priority)
         tasks: list[Future] = []
         ahead = fetcher.submit(download, 0) if ranges else None
         try:

@@ -45,6 +45,7 @@ from pathlib import Path
 import aiohttp
 
 from .layers import LayerStore
+from .rootfs import MS_RDONLY, MountError, mount, umount
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,6 @@ class LazyLayers:
 
     def _unmount_ws_root(self) -> None:
         if os.path.ismount(self.ws_root):
-            from .rootfs import umount
             umount(str(self.ws_root))    # detached: a container still using a dir keeps it
 
     @staticmethod
@@ -190,7 +190,6 @@ class LazyLayers:
     def _drop_view(self, key: str) -> None:
         """Unmount the layer's view (detached: a container still using it keeps it) and
         remove its dirs; before the FUSE mount goes, which the view holds busy."""
-        from .rootfs import umount
         self.layers.views.pop(key, None)
         self._local_since.pop(key, None)
         view_dir, mp = self._view_paths(key)
@@ -202,8 +201,6 @@ class LazyLayers:
         """Mount the view over the tree the mount server wrote; None (the FUSE mount is
         used alone) when it did not write one or the mount fails."""
         from lazyfs.metatree import view_options
-
-        from .rootfs import MS_RDONLY, MountError, mount
         view_dir, mp = self._view_paths(key)
         if not (view_dir / "meta").is_dir():
             return None
@@ -219,7 +216,8 @@ class LazyLayers:
             return None
         return mp
 
-    def _wait_workset(self, h, timeout: float = WORKSET_WAIT_S) -> str:
+    @staticmethod
+    def _wait_workset(h, timeout: float = WORKSET_WAIT_S) -> str:
         """Block until the mount's working set is written or will not be (its prefetch or
         write failed, the server exited, `timeout`); returns the outcome."""
         deadline = time.monotonic() + timeout
