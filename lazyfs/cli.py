@@ -59,16 +59,18 @@ def _source_spec(a: argparse.Namespace):
 
 def cmd_convert(a: argparse.Namespace) -> dict:
     from .estargz import write_layer
-    from .view import load_recorded
+    from .view import load_recorded, load_recorded_ranges
     prio = list(a.prioritize or [])
+    ranges = {}
     if a.prioritized_from:
         prio = load_recorded(a.prioritized_from) + prio
-    b = write_layer(Path(a.src), Path(a.out), prioritized=prio, chunk_size=a.chunk_size,
-                    skip_devices=a.skip_devices)
+        ranges = load_recorded_ranges(a.prioritized_from)
+    b = write_layer(Path(a.src), Path(a.out), prioritized=prio, read_ranges=ranges,
+                    chunk_size=a.chunk_size, skip_devices=a.skip_devices)
     return {"path": str(b.path), "digest": b.digest, "size": b.size, "diff_id": b.diff_id,
             "toc_digest": b.toc_digest, "uncompressed_size": b.uncompressed_size,
             "entries": b.entries, "prioritized": list(b.prioritized), "missing": list(b.missing),
-            "skipped": list(b.skipped)}
+            "skipped": list(b.skipped), "partial": list(b.partial)}
 
 
 def cmd_inspect(a: argparse.Namespace) -> dict:

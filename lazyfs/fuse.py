@@ -31,7 +31,7 @@ import trio
 from .errors import LazyFSError
 from .metatree import write_metatree
 from .tree import ROOT_INO, Node
-from .view import LayerView
+from .view import LayerView, WouldBlock
 
 log = logging.getLogger("lazyfs")
 TIMEOUT = 3600.0            # the layer is immutable: the kernel may cache entries and attrs
@@ -135,6 +135,10 @@ class LazyOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         self.ops["read"] += 1
         try:
+            try:          # in memory or on local disk: answered here, no thread hand-off
+                return self.view.read(fh, off, size, block=False)
+            except WouldBlock:
+                pass
             return await trio.to_thread.run_sync(self.view.read, fh, off, size,
                                                  limiter=self.limiter)
         except LazyFSError as e:

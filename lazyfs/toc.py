@@ -25,6 +25,10 @@ NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENT = b"\x0f"
 TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+# Our extension, a top-level TOC key other readers ignore (Go's decoder skips unknown
+# keys): {file name: [file offsets of the chunks a recorded run read]} for prioritized
+# files of which that run read only a small part (lazyfs.tree.Tree.partial).
+PARTIAL_PREFETCH_KEY = "runtimedPartialPrefetch"
 ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
 MAX_INT = 1 << 62                     # sizes and offsets beyond this are nonsense
 MAX_ENTRIES = 4_000_000
@@ -192,8 +196,10 @@ class TOC:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_json_bytes(self) -> bytes:
-        """Serialized as the Go writer does (tab-indented); the TOC digest covers these bytes."""
-        obj = {"version": self.version, "entries": [e.to_json() for e in self.entries]}
+        """Serialized as the Go writer does (tab-indented), `extra` keys after the entries;
+        the TOC digest covers these bytes."""
+        obj = {"version": self.version, "entries": [e.to_json() for e in self.entries],
+               **self.extra}
         return json.dumps(obj, indent="\t", ensure_ascii=False).encode()
 
     @classmethod

@@ -22,6 +22,7 @@ from datetime import datetime
 from .errors import FormatError, UnsafeEntryError
 from .toc import (
     NO_PREFETCH_LANDMARK,
+    PARTIAL_PREFETCH_KEY,
     PREFETCH_LANDMARK,
     TOC,
     TOCEntry,
@@ -84,6 +85,11 @@ class Tree:
     prefetch_end: int                 # blob offset where the prioritized area ends (0: none)
     prioritized: tuple[str, ...] = ()
     chunks_in_order: tuple[Chunk, ...] = field(default=(), repr=False)
+    # prioritized files a recorded run read only a small part of (PARTIAL_PREFETCH_KEY):
+    # name -> file offsets of the chunks it read. A prefetch brings those chunks alone and
+    # leaves the rest (`prefetch_skip`) to on-demand reads.
+    partial: dict[str, frozenset[int]] = field(default_factory=dict, repr=False)
+    prefetch_skip: frozenset[Chunk] = field(default=frozenset(), repr=False)
 
     def lookup(self, path: str) -> Node | None:
         ino = self.paths.get(clean_name(path))
@@ -260,11 +266,48 @@ def build_tree(toc: TOC, toc_offset: int, *, overlay_form: bool = True) -> Tree:
         b.put(name, node)
     if not seen_landmark:
         prioritized = []       # no landmark: nothing is known to be prioritized
-    return _number(b.attrs, prefetch_end, tuple(prioritized), tuple(order))
+    partial, skip = _partial(toc.extra.get(PARTIAL_PREFETCH_KEY), b.attrs, prioritized)
+    return _number(b.attrs, prefetch_end, tuple(prioritized), tuple(order), partial, skip)
+
+
+def _partial(raw: object, attrs: dict[str, _A], prioritized: list[str]
+             ) -> tuple[dict[str, frozenset[int]], frozenset[Chunk]]:
+    """Check the TOC's partial-prefetch map: every name a prioritized regular file, every
+    offset one of its chunks' file offsets. Returns it and the chunks to skip."""
+    if raw is None:
+        return {}, frozenset()
+    if not isinstance(raw, dict):
+        raise FormatError(f"{PARTIAL_PREFETCH_KEY} is not an object")
+    first = set(prioritized)
+    partial: dict[str, frozenset[int]] = {}
+    skip: list[Chunk] = []
+    for raw_name, offsets in raw.items():
+        name = clean_name(raw_name)
+        a = attrs.get(name)
+        if name not in first or a is None or not stat.S_ISREG(a.mode):
+            raise FormatError(f"{PARTIAL_PREFETCH_KEY}: {raw_name!r} is not a prioritized "
+                              "regular file")
+        if not isinstance(offsets, list) or not all(
+                o.__class__ is int for o in offsets):
+            raise FormatError(f"{PARTIAL_PREFETCH_KEY}: {raw_name!r} needs a list of integers")
+        keep = frozenset(offsets)
+        starts = {c.file_offset for c in a.chunks}
+        if not keep <= starts:
+            raise FormatError(f"{PARTIAL_PREFETCH_KEY}: {raw_name!r} offsets "
+                              f"{sorted(keep - starts)[:3]} are not chunk starts")
+        partial[name] = keep
+        skip.extend(c for c in a.chunks if c.file_offset not in keep)
+    # a gzip member holding a chunk someone needs is not skipped (our writer gives every
+    # chunk its own member; other writers may share one)
+    skipped = frozenset(skip)
+    needed = {c.offset for a in attrs.values() for c in a.chunks
+              if c not in skipped} if skipped else set()
+    return partial, frozenset(c for c in skipped if c.offset not in needed)
 
 
 def _number(attrs: dict[str, _A], prefetch_end: int, prioritized: tuple[str, ...],
-            order: tuple[Chunk, ...]) -> Tree:
+            order: tuple[Chunk, ...], partial: dict[str, frozenset[int]] | None = None,
+            skip: frozenset[Chunk] = frozenset()) -> Tree:
     """Give inode numbers (root = 1, then paths in sorted order; hard links share one)."""
     ino_of: dict[int, int] = {}
     paths: dict[str, int] = {}
@@ -288,7 +331,7 @@ def _number(attrs: dict[str, _A], prefetch_end: int, prioritized: tuple[str, ...
             mtime_ns=a.mtime_ns, rdev=0, nlink=nlink, link_target=a.link_target,
             xattrs=tuple(sorted(a.xattrs.items())), chunks=a.chunks, children=children))
     return Tree(nodes=nodes, paths=paths, prefetch_end=prefetch_end, prioritized=prioritized,
-                chunks_in_order=order)
+                chunks_in_order=order, partial=partial or {}, prefetch_skip=skip)
 
 
 __all__ = ["OPAQUE_XATTR", "ROOT_INO", "Chunk", "Node", "Tree", "build_tree"]

@@ -1,8 +1,11 @@
 """What a lazy mount serves, without FUSE: inode lookups, verified reads through the node's
 chunk cache, background prefetch of the prioritized area, and the access recorder.
 
-All methods are blocking and thread-safe; the FUSE adapter runs them in worker threads.
-A read either returns verified bytes or raises a LazyFSError in bounded time (the source's
+All methods are thread-safe. Reads block, except `read(..., block=False)`, which serves
+what is already in memory or on local disk and raises WouldBlock for the rest: the FUSE
+adapter answers those reads in its event loop and hands only the others to worker threads
+(the hand-off and the wake-up after it cost ~0.15 ms of a read, more than decoding a small
+file's member). A read either returns verified bytes or raises a LazyFSError in bounded time (the source's
 retry policy bounds each fetch); it never returns unverified data.
 """
 from __future__ import annotations
@@ -28,27 +31,37 @@ from .tree import Chunk, Node
 log = logging.getLogger("lazyfs")
 MAX_PREFETCH_REQUEST = 32 << 20      # one range request of the prefetch covers at most this
 FIRST_PREFETCH_REQUEST = 1 << 20     # ... and its first one this (then twice the last)
+MAX_PREFETCH_GAP = 256 << 10         # ... and skips no more than this (skipped chunks)
 PREFETCH_WORKERS = 4                 # at most this many threads inflate and verify chunks
 WORKSET_READ_WAIT_S = 30.0           # a read waits this long for its working-set file
 READAHEAD_BYTES = 1 << 20            # an on-demand fetch also brings the members up to this
 READAHEAD_MEMBER = 64 << 10          # ... as long as each is at most this (small files)
 RAW_CACHE_BYTES = 64 << 20           # ... kept compressed, decoded only when read
 
-__all__ = ["LayerView", "Recorder", "load_recorded"]
+__all__ = ["LayerView", "Recorder", "WouldBlock", "load_recorded", "load_recorded_ranges",
+           "merge_ranges"]
+
+
+class WouldBlock(Exception):
+    """A `read(..., block=False)` that would wait for the network or another thread."""
 
 
 class Recorder:
-    """Files opened and read through a mount, in first-access order, saved as JSON:
+    """Files opened and read through a mount, in first-access order, and the byte ranges
+    read of each (merged), saved as JSON:
 
-        {"version": 1, "layer": "...", "opened": [...], "read": [...]}
+        {"version": 1, "layer": "...", "opened": [...], "read": [...],
+         "ranges": {"name": [[start, end], ...], ...}}
 
-    `opened` is what a later build passes as `prioritized` to `write_layer`.
+    `opened` is what a later build passes as `prioritized` to `write_layer`, `ranges` its
+    `read_ranges` (a large file of which little was read is prefetched in part).
     """
 
     def __init__(self, path: str | os.PathLike, layer: str):
         self.path, self.layer = Path(path), layer
         self._opened: dict[str, None] = {}
         self._read: dict[str, None] = {}
+        self._ranges: dict[str, list[tuple[int, int]]] = {}
         self._dirty = False
         self._lock = threading.Lock()
 
@@ -61,13 +74,21 @@ class Recorder:
                 target[name] = None
                 self._dirty = True
 
+    def note_range(self, name: str, start: int, end: int) -> None:
+        with self._lock:
+            self._ranges.setdefault(name, []).append((start, end))
+            self._dirty = True
+
     def flush(self) -> bool:
         """Write the file atomically if anything changed; returns whether it wrote."""
         with self._lock:
             if not self._dirty:
                 return False
+            for name, rs in self._ranges.items():
+                self._ranges[name] = merge_ranges(rs)
             doc = {"version": 1, "layer": self.layer, "opened": list(self._opened),
-                   "read": list(self._read)}
+                   "read": list(self._read),
+                   "ranges": {n: [list(r) for r in rs] for n, rs in self._ranges.items()}}
             self._dirty = False
         tmp = self.path.with_name(self.path.name +
                                   f".tmp-{os.getpid()}-{threading.get_native_id()}")
@@ -76,12 +97,37 @@ class Recorder:
         return True
 
 
-def load_recorded(path: str | os.PathLike) -> list[str]:
-    """The `opened` list of a recorder file: the prioritized files for the next build."""
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Pure: sorted, overlapping or touching [start, end) ranges joined."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _load_record(path: str | os.PathLike) -> dict:
     doc = json.loads(Path(path).read_text())
     if not isinstance(doc, dict) or doc.get("version") != 1:
         raise ValueError(f"{path}: not a lazyfs access record")
-    return [str(n) for n in doc.get("opened", [])]
+    return doc
+
+
+def load_recorded(path: str | os.PathLike) -> list[str]:
+    """The `opened` list of a recorder file: the prioritized files for the next build."""
+    return [str(n) for n in _load_record(path).get("opened", [])]
+
+
+def load_recorded_ranges(path: str | os.PathLike) -> dict[str, list[tuple[int, int]]]:
+    """The `ranges` of a recorder file ({} from one written before they were recorded);
+    raises ValueError when they are malformed."""
+    raw = _load_record(path).get("ranges", {})
+    try:
+        return {str(n): [(int(lo), int(hi)) for lo, hi in rs] for n, rs in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"{path}: malformed read ranges") from None
 
 
 @dataclass
@@ -129,18 +175,23 @@ class LayerView:
             self.recorder.note(self.tree.nodes[ino].name)
 
     # -- data ----------------------------------------------------------------------------
-    def read(self, ino: int, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of a regular file (short at EOF)."""
+    def read(self, ino: int, offset: int, size: int, *, block: bool = True) -> bytes:
+        """Bytes [offset, offset+size) of a regular file (short at EOF). With `block` False,
+        raises WouldBlock unless every piece is in memory or on local disk."""
         node = self.tree.nodes[ino]
+        end = min(node.size, offset + size)
         if self.recorder is not None:
             self.recorder.note(node.name, read=True)
-        end = min(node.size, offset + size)
+            if offset < end:
+                self.recorder.note_range(node.name, offset, end)
         if offset >= end:
             return b""
         ws = self.workset
         if ws is not None and ws.holds(ino):
             # a working-set file read before the view found it in the data dir: its chunks
             # are being decoded into that file (and not into the cache), so wait for it
+            if not block and not ws.settled(ino):
+                raise WouldBlock
             path = ws.wait_published(ino, WORKSET_READ_WAIT_S)
             if path is not None:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -155,7 +206,7 @@ class LayerView:
             while offset < end:
                 c = node.chunks[i]
                 lo, hi = offset - c.file_offset, min(end, c.file_offset + c.size) - c.file_offset
-                out.append(self._chunk_range(c, lo, hi))
+                out.append(self._chunk_range(c, lo, hi, block))
                 offset = c.file_offset + hi
                 i += 1
         except LazyFSError as e:
@@ -171,22 +222,28 @@ class LayerView:
         for c in node.chunks:
             yield self._chunk_range(c, 0, c.size)
 
-    def _chunk_range(self, c: Chunk, lo: int, hi: int) -> bytes:
+    def _chunk_range(self, c: Chunk, lo: int, hi: int, block: bool = True) -> bytes:
         data = self.cache.read(c.digest, lo, hi - lo)
         if data is not None and len(data) == hi - lo:
             with self._lock:
                 self.counters.cache_hits += 1
             return data
-        return self._fetch(c)[lo:hi]
+        return self._fetch(c, block)[lo:hi]
 
-    def _fetch(self, c: Chunk) -> bytes:
-        """Fetch, verify and cache one chunk; concurrent callers share one fetch."""
+    def _fetch(self, c: Chunk, block: bool = True) -> bytes:
+        """Fetch, verify and cache one chunk; concurrent callers share one fetch. Without
+        `block`, only a small member already read ahead is decoded, else WouldBlock."""
         while True:
             with self._lock:
                 ev = self._inflight.get(c.digest)
+                if ev is None and not block and (c.offset not in self._raw or
+                                                 c.end - c.offset > READAHEAD_MEMBER):
+                    raise WouldBlock
                 if ev is None:
                     mine = self._inflight[c.digest] = threading.Event()
                     break
+            if not block:
+                raise WouldBlock
             ev.wait()
             data = self.cache.read(c.digest)
             if data is not None:
@@ -194,7 +251,7 @@ class LayerView:
             # the leader failed: try ourselves (bounded by the source's retry policy)
         try:
             try:
-                data = decode_chunk(c, self._member(c))
+                data = decode_chunk(c, self._member(c, block))
             except LazyFSError:
                 with self._lock:           # a bad member is fetched again next time
                     raw = self._raw.pop(c.offset, None)
@@ -209,7 +266,7 @@ class LayerView:
                 self._inflight.pop(c.digest, None)
             mine.set()
 
-    def _member(self, c: Chunk) -> bytes:
+    def _member(self, c: Chunk, block: bool = True) -> bytes:
         """The compressed gzip member holding `c`: from the read-ahead, or fetched with the
         small members after it, up to READAHEAD_BYTES in one range request (imports read
         the small files of a package one after another, and they lie together in the
@@ -221,6 +278,8 @@ class LayerView:
                 if raw is not None:
                     self._raw.move_to_end(c.offset)
                     return raw
+                if not block:             # evicted since _fetch looked
+                    raise WouldBlock
                 pending = next((ev for lo, hi, ev in self._windows if lo <= c.offset < hi),
                                None)
                 if pending is None:
@@ -273,15 +332,18 @@ class LayerView:
     def _prefetch_ranges(self, everything: bool) -> tuple[list[tuple[list[Chunk], int, int]], int]:
         """Pure planning: the chunks to prefetch (not cached yet) grouped into range
         requests, first FIRST_PREFETCH_REQUEST bytes, each next twice as large up to
-        MAX_PREFETCH_REQUEST; returns (ranges as (chunks, start, end), chunk count)."""
+        MAX_PREFETCH_REQUEST (a gap of skipped chunks over MAX_PREFETCH_GAP ends a
+        request: the chunks of partially prefetched files, Tree.partial); returns (ranges as (chunks, start, end), chunk count)."""
         limit = self.blob.toc_offset if everything else self.tree.prefetch_end
+        skip = frozenset() if everything else self.tree.prefetch_skip
         todo = [c for c in self.tree.chunks_in_order
-                if c.offset < limit and not self.cache.has(c.digest)]
+                if c.offset < limit and c not in skip and not self.cache.has(c.digest)]
         todo.sort(key=lambda c: (c.offset, c.inner_offset))
         ranges, i, size = [], 0, FIRST_PREFETCH_REQUEST
         while i < len(todo):
             j, start = i, todo[i].offset
-            while j < len(todo) and todo[j].end - start <= size:
+            while j < len(todo) and todo[j].end - start <= size and (
+                    j == i or todo[j].offset - todo[j - 1].end <= MAX_PREFETCH_GAP):
                 j += 1
             j = max(j, i + 1)
             ranges.append((todo[i:j], start, max(c.end for c in todo[i:j])))

@@ -58,12 +58,15 @@ class WorksetStats:
 
 def plan_workset(tree: Tree) -> WorksetPlan:
     """Pure: the files of `tree`'s prioritized area that have data, each inode once, by
-    the canonical name its meta-tree stubs redirect to."""
+    the canonical name its meta-tree stubs redirect to; not the files prefetched in part
+    (Tree.partial): a data-dir file must be whole, so those are read through FUSE, their
+    prefetched chunks from the chunk cache."""
+    partial = {tree.paths[n] for n in tree.partial}
     names = set()
     for name in tree.prioritized:
         ino = tree.paths.get(name)
         node = tree.nodes[ino] if ino is not None else None
-        if node is not None and node.is_reg and node.size:
+        if node is not None and node.is_reg and node.size and ino not in partial:
             names.add(canonical_name(node))
     return WorksetPlan(files=tuple(sorted(names)))
 
@@ -162,6 +165,10 @@ class WorksetWriter:
 
     def holds(self, ino: int) -> bool:
         return ino in self.name
+
+    def settled(self, ino: int) -> bool:
+        """Whether `wait_published(ino)` would return at once."""
+        return self._ready[ino].is_set()
 
     def wait_published(self, ino: int, timeout: float | None = None) -> Path | None:
         """The data file of working-set inode `ino` once it is complete (blocks until then,

@@ -421,3 +421,101 @@ def test_frozen_new_builds_the_same_immutable_value_as_the_constructor():
     c = frozen_new(Chunk, {"offset": 1, "end": 2, "inner_offset": 0, "file_offset": 0,
                            "size": 5, "digest": "sha256:" + "a" * 64})
     assert c == Chunk(1, 2, 0, 0, 5, "sha256:" + "a" * 64)
+
+
+def test_a_nonblocking_read_serves_memory_and_read_ahead_and_never_the_network(tmp_path: Path):
+    from lazyfs.view import WouldBlock
+    d, src, view = _small_files(tmp_path, n=6)
+    first, second = _ino(view, "pkg/mod00.py"), _ino(view, "pkg/mod01.py")
+    with pytest.raises(WouldBlock):              # nothing local yet: the FUSE loop hands it off
+        view.read(first, 0, 4096, block=False)
+    assert src.reads == []
+    assert view.read(first, 0, 4096) == (d / "pkg/mod00.py").read_bytes()
+    assert len(src.reads) == 1
+    # its neighbour came with it, compressed: decoded and verified in the caller's thread
+    assert view.read(second, 0, 4096, block=False) == (d / "pkg/mod01.py").read_bytes()
+    assert view.read(first, 10, 20, block=False) == (d / "pkg/mod00.py").read_bytes()[10:30]
+    with pytest.raises(WouldBlock):              # the large member after them is not local
+        view.read(_ino(view, "pkg/zbig.so"), 0, 10, block=False)
+    assert len(src.reads) == 1
+
+
+def test_merge_ranges_joins_overlapping_and_touching_ones():
+    from lazyfs.view import merge_ranges
+    assert merge_ranges([(50, 60), (0, 10), (10, 20), (15, 18), (30, 40)]) == \
+        [(0, 20), (30, 40), (50, 60)]
+    assert merge_ranges([]) == []
+
+
+def test_plan_partial_takes_large_files_of_which_little_was_read():
+    from lazyfs.estargz import plan_partial
+    from lazyfs.toc import PREFETCH_LANDMARK, TOCEntry
+
+    def file(name, size, chunk):
+        out = [TOCEntry(name=name, type="reg", size=size, chunk_size=chunk)]
+        out += [TOCEntry(name=name, type="chunk", chunk_offset=o,
+                         chunk_size=chunk if o + chunk < size else 0)
+                for o in range(chunk, size, chunk)]
+        return out
+    entries = (file("big.so", 1000, 100) + file("half.so", 1000, 100) + file("small", 50, 100)
+               + [TOCEntry(name=PREFETCH_LANDMARK, type="reg", size=1)]
+               + file("later.so", 1000, 100))
+    ranges = {"big.so": [(0, 10), (350, 420)], "half.so": [(0, 600)], "small": [(0, 50)],
+              "later.so": [(0, 10)]}
+    assert plan_partial(entries, ranges, min_size=500, max_fraction=0.5) == \
+        {"big.so": [0, 300, 400]}                 # half.so: 6 of 10 chunks; later: not first
+    assert plan_partial(entries, ranges, min_size=2000, max_fraction=0.5) == {}
+
+
+def test_a_large_file_little_read_is_prefetched_in_part_and_read_through_the_cache(
+        tmp_path: Path, layer: Path, monkeypatch):
+    from lazyfs import estargz
+    from lazyfs.view import load_recorded_ranges
+    big = "usr/lib/python3/big.bin"
+    view, _ = _view(tmp_path, layer, record=True)
+    for path, off, n in [("etc/hello.txt", 0, 100), (big, 0, 10), (big, 5 * CHUNK + 1, 10),
+                         (big, 5 * CHUNK + 5, 10)]:
+        view.opened(_ino(view, path))
+        view.read(_ino(view, path), off, n)
+    view.recorder.flush()
+    ranges = load_recorded_ranges(tmp_path / "record.json")
+    assert ranges[big] == [(0, 10), (5 * CHUNK + 1, 5 * CHUNK + 15)]
+    monkeypatch.setattr(estargz, "PARTIAL_MIN_SIZE", 4 * CHUNK)
+    b = write_layer(layer, tmp_path / "next.esgz", chunk_size=CHUNK,
+                    prioritized=load_recorded(tmp_path / "record.json"), read_ranges=ranges)
+    assert b.partial == (big,)
+    src = CountingSource(FileBlobSource(b.path))
+    blob = open_estargz(src, b.toc_digest)        # the extension is covered by the TOC digest
+    assert blob.tree.partial == {big: frozenset({0, 5 * CHUNK})}
+    src.reads.clear()
+    nxt = LayerView(blob, ChunkCache(tmp_path / "cache2"))
+    out = nxt.prefetch_workset(tmp_path / "ws", only=True)
+    assert out["state"] == "done" and out["files"] == 1           # hello.txt; big.bin is not whole
+    assert not (tmp_path / "ws" / big).exists()
+    node = blob.tree.lookup(big)
+    skipped = [c for c in node.chunks if c.file_offset not in (0, 5 * CHUNK)]
+    assert all(off + n <= c.offset or c.end <= off for off, n in src.reads for c in skipped)
+    n_reads = len(src.reads)
+    want = (layer / big).read_bytes()
+    assert nxt.read(node.ino, 5 * CHUNK, 100, block=False) == want[5 * CHUNK:5 * CHUNK + 100]
+    assert nxt.read(node.ino, 0, 10) == want[:10] and len(src.reads) == n_reads
+    assert nxt.read(node.ino, 9 * CHUNK, 10) == want[9 * CHUNK:9 * CHUNK + 10]  # on demand
+    assert len(src.reads) == n_reads + 1
+
+
+def test_a_partial_prefetch_map_naming_what_it_may_not_is_refused(tmp_path: Path, layer: Path):
+    from dataclasses import replace
+
+    from lazyfs.toc import PARTIAL_PREFETCH_KEY
+    from lazyfs.tree import build_tree
+    big = "usr/lib/python3/big.bin"
+    b = write_layer(layer, tmp_path / "p.esgz", chunk_size=CHUNK, prioritized=[big])
+    e = open_estargz(FileBlobSource(b.path), b.toc_digest)
+    ok = build_tree(replace(e.toc, extra={PARTIAL_PREFETCH_KEY: {big: [0, CHUNK]}}),
+                    e.toc_offset)
+    assert len(ok.prefetch_skip) == len(ok.lookup(big).chunks) - 2
+    for bad in [{"etc/hello.txt": [0]},               # not prioritized
+                {big: [1]},                           # not a chunk start
+                {big: "0"}, [big]]:
+        with pytest.raises(FormatError):
+            build_tree(replace(e.toc, extra={PARTIAL_PREFETCH_KEY: bad}), e.toc_offset)
