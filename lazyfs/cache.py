@@ -73,8 +73,10 @@ def _alive(pid: int) -> bool:
 
 
 class ChunkCache:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, *, write_behind: bool = True):
         self.root = Path(root)
+        self.write_behind = write_behind     # False: put_behind stores at once (another
+        #                                      process reads the chunks from disk)
         for d in ("tmp", "sha256", "pins"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self._touched: set[str] = set()
@@ -103,7 +105,7 @@ class ChunkCache:
             self._last_put = time.monotonic()
             if digest in self._behind:
                 return
-            if self._behind_bytes + len(data) <= BEHIND_BYTES:
+            if self.write_behind and self._behind_bytes + len(data) <= BEHIND_BYTES:
                 self._behind[digest] = data
                 self._behind_bytes += len(data)
                 if self._writer is None:

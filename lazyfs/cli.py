@@ -15,6 +15,7 @@ Results are printed as JSON; errors as one line on stderr with exit status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -27,6 +28,9 @@ from .errors import LazyFSError
 from .estargz import DEFAULT_CHUNK_SIZE
 
 TOKEN_ENV = "LAZYFS_TOKEN"
+# the working set decoded by a forked helper while the server builds its tree (early.py);
+# LAZYFS_EARLY_PREFETCH=0: by the server itself, after the meta tree
+EARLY = os.environ.get("LAZYFS_EARLY_PREFETCH", "1") != "0"
 
 
 def _source_args(p: argparse.ArgumentParser, file_positional: bool) -> None:
@@ -122,11 +126,16 @@ def cmd_serve(a: argparse.Namespace) -> dict:
     from .cache import ChunkCache
     from .fuse import serve
     from .mount import MountSpec, open_source
-    from .reader import open_estargz
+    from .early import spawn_helper, start_prefetch
+    from .reader import open_estargz, read_toc
     from .view import LayerView, Recorder
-    # imports first: a spare server (mount.spawn_server) has them done when its spec comes
+    # imports first: a spare server (mount.spawn_server) has them done when its spec comes,
+    # and its early-prefetch helper (early.py) started
+    helper = spawn_helper() if EARLY else None
     text = sys.stdin.read()
     if not text.strip():
+        if helper is not None:
+            helper.stdin.close()      # type: ignore[union-attr]
         return {}                     # a spare that was not used: its owner went away
     spec = MountSpec.from_json(text)
     if spec.log_path:                 # a spare server: from now on, the mount's log
@@ -137,11 +146,22 @@ def cmd_serve(a: argparse.Namespace) -> dict:
         os.close(fd)
     t0 = time.monotonic()
     src = open_source(spec.source)
+    raw = read_toc(src, spec.toc_digest)
+    early = None
+    if helper is not None:
+        if spec.prefetch and spec.view_dir and spec.workset and not spec.fetch_all:
+            # the working set decoded by the helper on the other core while this builds
+            # the tree and the meta tree
+            early = start_prefetch(helper, raw, dataclasses.asdict(spec.source),
+                                   spec.cache_dir, os.path.join(spec.view_dir, "data"),
+                                   spec.log_path)
+        else:
+            helper.stdin.close()      # type: ignore[union-attr]
     # the TOC becomes ~100,000 long-lived objects: collecting while they are made costs
     # ~0.1 s of the mount, and traversing them later costs every collection of the server
     gc.disable()
     try:
-        blob = open_estargz(src, spec.toc_digest)
+        blob = open_estargz(src, spec.toc_digest, raw=raw)
         gc.freeze()
     finally:
         gc.enable()
@@ -159,11 +179,20 @@ def cmd_serve(a: argparse.Namespace) -> dict:
         serve(view, spec.mountpoint, fsname=f"lazyfs:{layer[:19]}", prefetch=spec.prefetch,
               fetch_all=spec.fetch_all, status_path=spec.status_path,
               allow_other=spec.allow_other, view_dir=spec.view_dir, workset=spec.workset,
-              workset_only=spec.workset_only)
+              workset_only=spec.workset_only, early=early)
     finally:
+        if early is not None:
+            early.kill()
         cache.flush()                 # chunks fetched last are on disk for the next mount
         cache.unpin()
     return {}
+
+
+def _early_helper() -> int:
+    from .early import helper_main
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s lazyfs[%(process)d] %(levelname)s %(message)s")
+    return helper_main()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_push)
     p = sub.add_parser("serve", help="internal: serve a MountSpec read from stdin")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("early-helper", help="internal: a mount server's prefetch helper")
+    p.set_defaults(fn=lambda _: sys.exit(_early_helper()))
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s lazyfs[%(process)d] %(levelname)s %(message)s")

@@ -31,7 +31,9 @@ import trio
 from .errors import LazyFSError
 from .metatree import write_metatree
 from .tree import ROOT_INO, Node
+from .early import DirWorkset, EarlyPrefetch
 from .view import LayerView, WouldBlock
+from .workset import plan_workset
 
 log = logging.getLogger("lazyfs")
 TIMEOUT = 3600.0            # the layer is immutable: the kernel may cache entries and attrs
@@ -172,6 +174,30 @@ class LazyOperations(pyfuse3.Operations):
         return s
 
 
+def _follow(view: LayerView, early: EarlyPrefetch, data_dir: str,
+            report: Callable[[], None]) -> None:
+    """Serve the working set the helper writes: reads of its files wait for them; its
+    result becomes this mount's prefetch and working-set status (reported at once: a
+    node that waits for the working set polls that status)."""
+    view.workset = DirWorkset(view.tree, plan_workset(view.tree), data_dir, early)
+    view.counters.prefetch_state = f"running (helper {early.pid})"
+
+    def done(res: dict) -> None:
+        res = dict(res)
+        with view._lock:
+            view.counters.prefetch_state = str(res.pop("prefetch", res.get("state")))
+            view.counters.prefetched_chunks = int(res.pop("chunks", 0) or 0)
+            view.counters.workset = {**res, "helper": early.pid,
+                                     "after_s": round(time.monotonic() - early.started, 3)}
+        try:
+            report()
+        except OSError as e:
+            log.warning("status write failed: %s", e)
+    early.on_done = done
+    if early.done and early.result is not None:     # it ended before we looked
+        done(early.result)
+
+
 def _write_json(path: Path, doc: dict) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}-{threading.get_native_id()}")
     tmp.write_text(json.dumps(doc, indent=1))
@@ -181,6 +207,7 @@ def _write_json(path: Path, doc: dict) -> None:
 def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch: bool = True,
           fetch_all: bool = False, status_path: str | None = None, allow_other: bool = True,
           view_dir: str | None = None, workset: bool = True, workset_only: bool = False,
+          early: EarlyPrefetch | None = None,
           on_mounted: Callable[[], None] | None = None) -> None:
     """Mount `view` at `mountpoint` and serve until unmounted or SIGTERM/SIGINT.
 
@@ -189,7 +216,9 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
     prioritized files whole into VIEW_DIR/data (lazyfs.workset; `workset_only`: their
     chunks are not kept in the chunk cache too). `status_path` gets a JSON status (source
     bytes, cache hits, errors, prefetch, meta tree, working set) twice a second while
-    anything changes, and the access recorder is flushed alike.
+    anything changes, and the access recorder is flushed alike. `early`: the helper
+    already writing the working set into VIEW_DIR/data (lazyfs.early); this process then
+    runs no prefetch of its own unless the meta tree fails.
     """
     ops = LazyOperations(view)
     state: dict = {"terminated": False, "status": None}
@@ -232,7 +261,11 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
                         view_dir, e)
             view.counters.meta = {"state": f"failed: {type(e).__name__}: {e}"}
             data_dir = None              # no view to serve it: the prefetch fills the cache
-    if prefetch or fetch_all:
+    if early is not None and data_dir:
+        _follow(view, early, data_dir, housekeeping_once)
+    elif prefetch or fetch_all:
+        if early is not None:            # no view for its files: the cache instead
+            early.kill()
         # started before the FUSE mount: what the node waits for need not wait for its setup
         threading.Thread(target=run_prefetch, name="lazyfs-prefetch", daemon=True).start()
     options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=lazyfs"}

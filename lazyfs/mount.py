@@ -220,7 +220,7 @@ def mount(spec: MountSpec, *, timeout: float = 60.0, log_path: str | None = None
             proc.terminate()
             raise MountError(f"lazy mount at {mp} did not appear in {timeout:.0f}s:\n"
                              f"{handle.log_tail()}")
-        time.sleep(0.02)
+        time.sleep(0.005)            # the start waits on this: ~2.5 ms late on average
     return handle
 
 

@@ -16,7 +16,7 @@ import stat
 import tarfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,10 +31,12 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_TOC_COMPRESSED",
     "EStargz",
+    "RawTOC",
     "blob_info",
     "decode_chunk",
     "extract",
     "open_estargz",
+    "read_toc",
 ]
 
 try:        # ISA-L (pip isal): the same inflate API; for 198 MB of chunks on one core
@@ -116,14 +118,35 @@ class EStargz:
         return sum(len(self.read_chunk(c)) for c in self.tree.chunks_in_order)
 
 
+@dataclass(frozen=True)
+class RawTOC:
+    """A blob's TOC as fetched and verified, not parsed yet (see read_toc)."""
+
+    size: int                  # blob bytes
+    toc_offset: int
+    toc_json: bytes = field(repr=False)
+    digest: str                # sha256 of toc_json (checked against the annotation if given)
+
+
 def open_estargz(source: BlobSource, toc_digest: str | None = None, *,
-                 overlay_form: bool = True) -> EStargz:
-    """Open the blob behind `source`; verify its TOC against `toc_digest` when given.
+                 overlay_form: bool = True, raw: RawTOC | None = None) -> EStargz:
+    """Open the blob behind `source`; verify its TOC against `toc_digest` when given
+    (`raw`: the TOC read_toc already fetched and verified).
 
     Raises FormatError (bad footer, TOC outside the blob, malformed TOC),
     DigestMismatchError (TOC digest differs), UnsafeEntryError (hostile entry names), or
     a SourceError from the source.
     """
+    raw = raw or read_toc(source, toc_digest)
+    toc = TOC.parse(raw.toc_json)
+    tree = build_tree(toc, raw.toc_offset, overlay_form=overlay_form)
+    return EStargz(source=source, size=raw.size, toc_offset=raw.toc_offset, toc=toc,
+                   toc_digest=raw.digest, tree=tree)
+
+
+def read_toc(source: BlobSource, toc_digest: str | None = None) -> RawTOC:
+    """Fetch the footer and the TOC of the blob behind `source` and verify the TOC
+    against `toc_digest` when given; errors as open_estargz."""
     if toc_digest:
         check_digest(toc_digest, "toc digest")
     size = source.size()
@@ -147,10 +170,7 @@ def open_estargz(source: BlobSource, toc_digest: str | None = None, *,
     actual = "sha256:" + hashlib.sha256(toc_json).hexdigest()
     if toc_digest and actual != toc_digest:
         raise DigestMismatchError("TOC (stargz.index.json)", toc_digest, actual)
-    toc = TOC.parse(toc_json)
-    tree = build_tree(toc, toc_offset, overlay_form=overlay_form)
-    return EStargz(source=source, size=size, toc_offset=toc_offset, toc=toc,
-                   toc_digest=actual, tree=tree)
+    return RawTOC(size=size, toc_offset=toc_offset, toc_json=toc_json, digest=actual)
 
 
 def extract(blob: EStargz, dest: Path) -> int:

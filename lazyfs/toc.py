@@ -209,6 +209,11 @@ class TOC:
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise FormatError(f"TOC is not valid JSON: {e}") from None
+        return cls.from_obj(obj)
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> TOC:
+        """The TOC from its decoded JSON; raises FormatError as parse."""
         if not isinstance(obj, dict):
             raise FormatError("TOC is not a JSON object")
         if obj.get("version") != TOC_VERSION:

@@ -470,7 +470,7 @@ class LayerView:
         return stored
 
     def prefetch_workset(self, dest: str | os.PathLike, stop: threading.Event | None = None,
-                         *, only: bool = False) -> dict:
+                         *, only: bool = False, workers: int | None = None) -> dict:
         """`prefetch`, writing each prioritized file whole into the data dir `dest` as it
         arrives (lazyfs.workset). With `only`, their chunks go to that dir alone, not into
         the chunk cache: for a node whose containers wait for the working set, so they
@@ -499,7 +499,8 @@ class LayerView:
         in_dir = set(writer.by_digest) if writer is not None and only else set()
         self.workset = writer
         self.prefetch(stop, on_chunk=None if writer is None else write,
-                      cache_skip=(lambda c: c.digest in in_dir) if in_dir else None)
+                      cache_skip=(lambda c: c.digest in in_dir) if in_dir else None,
+                      workers=workers)
         if plan.empty:
             out = {"state": "none"}
         elif writer is None:

@@ -106,6 +106,7 @@ def test_the_view_over_fuse_is_the_layer(tmp_path: Path, mounts):
     assert (vd / "meta").is_dir()                  # complete before the mount appeared
     ws_state = _wait(lambda: status.exists() and _status(status).get("workset"), "workset")
     assert ws_state["state"] == "done", ws_state
+    assert ws_state["helper"] != h.proc.pid       # written by the early helper (early.py)
     assert _status(status)["meta"]["state"] == "done"
     # the data dir: working-set files whole, each inode once, nothing else
     in_data = sorted(str(p.relative_to(vd / "data")) for p in (vd / "data").rglob("*")
@@ -222,7 +223,8 @@ def test_a_spare_server_serves_a_mount_and_logs_to_its_log(tmp_path: Path, mount
     assert state["state"] == "done", state
     assert (mp / "etc/hello.txt").read_text() == "hello, lazy world\n"
     assert _status(status)["pid"] == spare.pid
-    assert "serving file" in (tmp_path / "mount.log").read_text()
+    log = (tmp_path / "mount.log").read_text()
+    assert "serving file" in log and "early prefetch: helper" in log   # its helper too
 
 
 def test_an_unused_spare_server_exits_when_its_input_closes(tmp_path: Path):
