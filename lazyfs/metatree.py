@@ -117,21 +117,39 @@ def write_metatree(tree: Tree, dest: str | os.PathLike) -> MetaTreeStats:
     stubs = whiteouts = 0
     with_whiteouts: set[str] = set()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    nodes, prefix = tree.nodes, root + "/"
+    open_, ftruncate, setxattr, utime, close = os.open, os.ftruncate, os.setxattr, os.utime, os.close
     try:
         # tree.paths is in sorted order: a directory comes before everything in it
         for name, ino in tree.paths.items():
-            node = tree.nodes[ino]
+            node = nodes[ino]
             if not name:
                 dirs.append(("", node))
                 continue
             if clean_name(name) != name:
                 raise UnsafeEntryError(name, "not a clean relative path inside the layer")
-            path = os.path.join(root, name)
+            path = prefix + name
             if ino in first:                               # another name of a hard link
                 os.link(first[ino], path, follow_symlinks=False)
                 continue
             mode = node.mode
             first[ino] = path
+            perm = mode & 0o7777
+            if (mode & 0o170000 == stat.S_IFREG and node.size and not node.xattrs
+                    and perm & ~umask == perm and (node.uid, node.gid) == me):
+                # the common stub (~90 % of the entries), in the fewest calls: what
+                # apply() would do for it, without its checks (~40 ms of ~100 per layer)
+                fd = open_(path, flags, perm)
+                try:
+                    ftruncate(fd, node.size)
+                    setxattr(fd, METACOPY_XATTR, b"")
+                    setxattr(fd, REDIRECT_XATTR, os.fsencode("/" + canonical_name(node)))
+                    if node.mtime_ns:
+                        utime(fd, ns=(node.mtime_ns, node.mtime_ns))
+                finally:
+                    close(fd)
+                stubs += 1
+                continue
             if stat.S_ISDIR(mode):
                 os.mkdir(path, 0o700)                      # its attributes come last
                 dirs.append((name, node))

@@ -57,7 +57,9 @@ def clean_name(raw: str) -> str:
         raise FormatError(f"entry name is not a string: {raw!r}")
     name = raw.removesuffix("/")      # fast path: a name that is already clean
     if (name and name[0] != "/" and name[-1] != "/" and "//" not in name
-            and "\x00" not in name and not _DOT_PART_RE.search(name)):
+            and "\x00" not in name
+            # no part starts with '.' (most names), else no part is '.' or '..'
+            and (name[0] != "." and "/." not in name or not _DOT_PART_RE.search(name))):
         return name
     if "\x00" in raw:
         raise UnsafeEntryError(raw, "NUL byte in name")

@@ -136,7 +136,7 @@ def _file_chunks(name: str, size: int, pieces: list[TOCEntry], toc_offset: int,
     return tuple(out)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _A:
     """Mutable attributes of one inode while the tree is built."""
 
@@ -160,7 +160,7 @@ class _A:
 
     @property
     def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
+        return self.mode & 0o170000 == stat.S_IFDIR
 
 
 class _Builder:
@@ -316,20 +316,25 @@ def _number(attrs: dict[str, _A], prefetch_end: int, prioritized: tuple[str, ...
         ino = ino_of.setdefault(id(attrs[name]), len(ino_of) + 1)
         paths[name] = ino
     nodes: dict[int, Node] = {}
-    for name in names:
+    new = object.__new__
+    for name in names:           # (on every lazy mount's path: ~10,000 names, kept lean)
         a = attrs[name]
         ino = paths[name]
         if ino in nodes:
             continue
-        children = tuple(sorted((base, paths[child]) for base, child in a.children.items()))
-        if a.is_dir:
-            nlink = 2 + sum(1 for _, child in a.children.items() if attrs[child].is_dir)
+        if a.mode & 0o170000 == stat.S_IFDIR:
+            children = tuple(sorted([(base, paths[child]) for base, child in a.children.items()]))
+            nlink = 2 + sum(1 for child in a.children.values()
+                            if attrs[child].mode & 0o170000 == stat.S_IFDIR)
         else:
-            nlink = max(1, a.names)
-        nodes[ino] = frozen_new(Node, dict(
+            children, nlink = (), max(1, a.names)
+        node = nodes[ino] = new(Node)
+        # every field given: the frozen dataclass's __dict__ filled at once (frozen_new)
+        node.__dict__.update(
             ino=ino, name=name, mode=a.mode, uid=a.uid, gid=a.gid, size=a.size,
             mtime_ns=a.mtime_ns, rdev=0, nlink=nlink, link_target=a.link_target,
-            xattrs=tuple(sorted(a.xattrs.items())), chunks=a.chunks, children=children))
+            xattrs=tuple(sorted(a.xattrs.items())) if a.xattrs else (), chunks=a.chunks,
+            children=children)
     return Tree(nodes=nodes, paths=paths, prefetch_end=prefetch_end, prioritized=prioritized,
                 chunks_in_order=order, partial=partial or {}, prefetch_skip=skip)
 

@@ -194,3 +194,20 @@ def test_garbage_toc_member(tmp_path: Path, good: bytes):
     bad = good[:toc_offset] + junk + footer_bytes(toc_offset)
     with pytest.raises(FormatError, match="TOC"):
         _open_bytes(tmp_path, bad)
+
+
+@pytest.mark.parametrize("raw,want", [
+    ("usr/lib/x.py", "usr/lib/x.py"), (".hidden/x", ".hidden/x"), ("a/.b/c", "a/.b/c"),
+    ("a/..b", "a/..b"), ("a./b", "a./b"), ("dir/", "dir"), ("./a/./b", "a/b"), ("", ""),
+    ("a//b", "a/b"), ("a/.", "a"),
+])
+def test_clean_name_keeps_dot_names_and_drops_dot_parts(raw: str, want: str):
+    from lazyfs.toc import clean_name
+    assert clean_name(raw) == want
+
+
+@pytest.mark.parametrize("raw", ["../x", "a/../b", "a/..", "/etc/passwd", "a\x00b", ".."])
+def test_clean_name_refuses_escapes(raw: str):
+    from lazyfs.toc import clean_name
+    with pytest.raises(UnsafeEntryError):
+        clean_name(raw)
