@@ -28,7 +28,7 @@ from .errors import LazyFSError
 from .estargz import DEFAULT_CHUNK_SIZE
 
 TOKEN_ENV = "LAZYFS_TOKEN"
-# the working set decoded by a forked helper while the server builds its tree (early.py);
+# the working set decoded by a helper process while the server builds its tree (early.py);
 # LAZYFS_EARLY_PREFETCH=0: by the server itself, after the meta tree
 EARLY = os.environ.get("LAZYFS_EARLY_PREFETCH", "1") != "0"
 
@@ -146,7 +146,12 @@ def cmd_serve(a: argparse.Namespace) -> dict:
         os.close(fd)
     t0 = time.monotonic()
     src = open_source(spec.source)
-    raw = read_toc(src, spec.toc_digest)
+    try:
+        raw = read_toc(src, spec.toc_digest)
+    except BaseException:
+        if helper is not None:
+            helper.stdin.close()      # type: ignore[union-attr]
+        raise
     early = None
     if helper is not None:
         if spec.prefetch and spec.view_dir and spec.workset and not spec.fetch_all:

@@ -143,19 +143,27 @@ def start_prefetch(helper: subprocess.Popen, raw: RawTOC, source: dict, cache_di
     # a byte search, not a parse (that would cost this server 15 ms before its mount is
     # live); the helper parses, and says so if there is no landmark after all
     has_landmark = json.dumps(PREFETCH_LANDMARK).encode() in raw.toc_json
-    assert helper.stdin is not None
-    try:
-        if not has_landmark:
-            helper.stdin.close()
-            return None
-        head = {"source": source, "cache_dir": cache_dir, "data_dir": data_dir,
-                "log_path": log_path, "size": raw.size, "toc_offset": raw.toc_offset,
-                "digest": raw.digest, "toc_bytes": len(raw.toc_json)}
-        helper.stdin.write(json.dumps(head).encode() + b"\n" + raw.toc_json)
-        helper.stdin.close()
-    except (BrokenPipeError, OSError) as e:
-        log.warning("early prefetch: helper %d gone: %s", helper.pid, e)
+    stdin = helper.stdin
+    assert stdin is not None
+    if not has_landmark or helper.poll() is not None:
+        try:
+            stdin.close()
+        except OSError:
+            pass
         return None
+    head = {"source": source, "cache_dir": cache_dir, "data_dir": data_dir,
+            "log_path": log_path, "size": raw.size, "toc_offset": raw.toc_offset,
+            "digest": raw.digest, "toc_bytes": len(raw.toc_json)}
+
+    def send() -> None:
+        # 4 MB through a 64 KiB pipe: written beside the server's own work, which must not
+        # wait for a helper at nice 19 to read it
+        try:
+            stdin.write(json.dumps(head).encode() + b"\n" + raw.toc_json)
+            stdin.close()
+        except OSError as e:          # it died: its result says so
+            log.warning("early prefetch: helper %d gone: %s", helper.pid, e)
+    threading.Thread(target=send, name="lazyfs-early-send", daemon=True).start()
     early = EarlyPrefetch(proc=helper)
     threading.Thread(target=early._wait, name="lazyfs-early-wait", daemon=True).start()
     return early

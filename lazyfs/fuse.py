@@ -28,10 +28,10 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from .early import DirWorkset, EarlyPrefetch
 from .errors import LazyFSError
 from .metatree import write_metatree
 from .tree import ROOT_INO, Node
-from .early import DirWorkset, EarlyPrefetch
 from .view import LayerView, WouldBlock
 from .workset import plan_workset
 
@@ -184,11 +184,10 @@ def _follow(view: LayerView, early: EarlyPrefetch, data_dir: str,
 
     def done(res: dict) -> None:
         res = dict(res)
-        with view._lock:
-            view.counters.prefetch_state = str(res.pop("prefetch", res.get("state")))
-            view.counters.prefetched_chunks = int(res.pop("chunks", 0) or 0)
-            view.counters.workset = {**res, "helper": early.pid,
-                                     "after_s": round(time.monotonic() - early.started, 3)}
+        view.prefetch_result(str(res.pop("prefetch", res.get("state"))),
+                             int(res.pop("chunks", 0) or 0),
+                             {**res, "helper": early.pid,
+                              "after_s": round(time.monotonic() - early.started, 3)})
         try:
             report()
         except OSError as e:

@@ -118,7 +118,8 @@ def write_metatree(tree: Tree, dest: str | os.PathLike) -> MetaTreeStats:
     with_whiteouts: set[str] = set()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     nodes, prefix = tree.nodes, root + "/"
-    open_, ftruncate, setxattr, utime, close = os.open, os.ftruncate, os.setxattr, os.utime, os.close
+    open_, ftruncate, setxattr = os.open, os.ftruncate, os.setxattr
+    utime, close = os.utime, os.close
     try:
         # tree.paths is in sorted order: a directory comes before everything in it
         for name, ino in tree.paths.items():

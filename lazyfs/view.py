@@ -5,8 +5,8 @@ All methods are thread-safe. Reads block, except `read(..., block=False)`, which
 what is already in memory or on local disk and raises WouldBlock for the rest: the FUSE
 adapter answers those reads in its event loop and hands only the others to worker threads
 (the hand-off and the wake-up after it cost ~0.15 ms of a read, more than decoding a small
-file's member). A read either returns verified bytes or raises a LazyFSError in bounded time (the source's
-retry policy bounds each fetch); it never returns unverified data.
+file's member). A read either returns verified bytes or raises a LazyFSError in bounded
+time (the source's retry policy bounds each fetch); it never returns unverified data.
 """
 from __future__ import annotations
 
@@ -333,7 +333,8 @@ class LayerView:
         """Pure planning: the chunks to prefetch (not cached yet) grouped into range
         requests, first FIRST_PREFETCH_REQUEST bytes, each next twice as large up to
         MAX_PREFETCH_REQUEST (a gap of skipped chunks over MAX_PREFETCH_GAP ends a
-        request: the chunks of partially prefetched files, Tree.partial); returns (ranges as (chunks, start, end), chunk count)."""
+        request: the chunks of partially prefetched files, Tree.partial); returns (ranges
+        as (chunks, start, end), chunk count)."""
         limit = self.blob.toc_offset if everything else self.tree.prefetch_end
         skip = frozenset() if everything else self.tree.prefetch_skip
         todo = [c for c in self.tree.chunks_in_order
@@ -470,7 +471,7 @@ class LayerView:
         return stored
 
     def prefetch_workset(self, dest: str | os.PathLike, stop: threading.Event | None = None,
-                         *, only: bool = False, workers: int | None = None) -> dict:
+                         *, only: bool = False) -> dict:
         """`prefetch`, writing each prioritized file whole into the data dir `dest` as it
         arrives (lazyfs.workset). With `only`, their chunks go to that dir alone, not into
         the chunk cache: for a node whose containers wait for the working set, so they
@@ -499,8 +500,7 @@ class LayerView:
         in_dir = set(writer.by_digest) if writer is not None and only else set()
         self.workset = writer
         self.prefetch(stop, on_chunk=None if writer is None else write,
-                      cache_skip=(lambda c: c.digest in in_dir) if in_dir else None,
-                      workers=workers)
+                      cache_skip=(lambda c: c.digest in in_dir) if in_dir else None)
         if plan.empty:
             out = {"state": "none"}
         elif writer is None:
@@ -522,6 +522,13 @@ class LayerView:
         with self._lock:
             self.counters.workset = out
         return out
+
+    def prefetch_result(self, state: str, chunks: int, workset: dict) -> None:
+        """Record a prefetch done by another process (lazyfs.early) as this view's own."""
+        with self._lock:
+            self.counters.prefetch_state = state
+            self.counters.prefetched_chunks = chunks
+            self.counters.workset = workset
 
     def status(self) -> dict:
         with self._lock:
