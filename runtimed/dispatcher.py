@@ -271,7 +271,8 @@ class Dispatcher:
         """A node rewrote layer `key`'s eStargz with the files a lazy start opened first
         (the prefetch area): serve that blob for the layer from now on. Refused unless the
         blob is stored, its TOC matches `toc_digest`, and it holds exactly the files (same
-        content digests) of the blob it replaces: the layer stays the same layer."""
+        content digests, same chunks with the same chunk digests, which are what nodes
+        verify) of the blob it replaces: the layer stays the same layer."""
         info = (await self.store.layer_infos([key])).get(key)
         if info is None or not info.get("estargz_digest"):
             raise NotFoundError(f"layer {key[:16]} has no eStargz to replace")
@@ -681,4 +682,17 @@ def _same_layer_files(old: os.PathLike, new: os.PathLike, toc_digest: str) -> in
     if entries(a) != entries(b):
         diff = sorted(entries(a) ^ entries(b))[:3]
         raise InvalidError(f"the new eStargz holds other files than the layer's: {diff}")
+    # nodes verify what they read chunk by chunk, against the chunk digests: those must be
+    # the layer's own, not just the files' digests (which no lazy read checks), or a node
+    # could republish other bytes under the same file digests
+    if _chunk_digests(a.tree) != _chunk_digests(b.tree):
+        diff = sorted(set(_chunk_digests(a.tree).items()) ^ set(_chunk_digests(b.tree).items()))
+        raise InvalidError("the new eStargz's chunks differ from the layer's (same chunk "
+                           f"size needed): {[n for n, _ in diff][:3]}")
     return len(b.tree.prioritized)
+
+
+def _chunk_digests(tree) -> dict[str, tuple]:
+    """Path -> its chunks as (file offset, size, digest), for every regular file."""
+    return {path: tuple((c.file_offset, c.size, c.digest) for c in tree.nodes[ino].chunks)
+            for path, ino in tree.paths.items() if tree.nodes[ino].chunks}

@@ -211,3 +211,39 @@ def test_clean_name_refuses_escapes(raw: str):
     from lazyfs.toc import clean_name
     with pytest.raises(UnsafeEntryError):
         clean_name(raw)
+
+
+def test_a_republished_estargz_must_keep_the_layers_chunk_digests(tmp_path: Path):
+    """A node republishes a layer's eStargz with its working set first; the dispatcher
+    takes it only if nodes, which verify each chunk against its chunk digest, would read
+    the layer's own bytes: other bytes under the old files' digests are refused."""
+    import shutil
+
+    from lazyfs.testing import rewrite_toc, toc_digest_of
+    from runtimed.dispatcher import _same_layer_files
+    from sdk.exception import InvalidError
+    layer = tmp_path / "layer"
+    (layer / "pkg").mkdir(parents=True)
+    (layer / "pkg/a.py").write_text("print('the real one')\n")
+    (layer / "pkg/b.bin").write_bytes(os.urandom(200_000))
+    old = write_layer(layer, tmp_path / "old.esgz", chunk_size=64 * 1024)
+    ok = write_layer(layer, tmp_path / "ok.esgz", chunk_size=64 * 1024, prioritized=["pkg/a.py"])
+    assert _same_layer_files(old.path, ok.path, ok.toc_digest) == 1
+    evil = tmp_path / "evil"
+    shutil.copytree(layer, evil)
+    st = os.stat(layer / "pkg/a.py")
+    (evil / "pkg/a.py").write_text("print('the other one')\n")
+    os.utime(evil / "pkg/a.py", ns=(st.st_atime_ns, st.st_mtime_ns))
+    other = write_layer(evil, tmp_path / "other.esgz", chunk_size=64 * 1024,
+                        prioritized=["pkg/a.py"])
+    want = {e.name: e.digest for e in open_estargz(FileBlobSource(old.path)).toc.entries
+            if e.digest}
+
+    def same_file_digests(doc: dict) -> None:      # the TOC claims the layer's files
+        for e in doc["entries"]:
+            if e["name"] in want and e.get("digest"):
+                e["digest"] = want[e["name"]]
+    data = rewrite_toc(other.path.read_bytes(), same_file_digests)
+    (tmp_path / "forged.esgz").write_bytes(data)
+    with pytest.raises(InvalidError, match="chunks differ"):
+        _same_layer_files(old.path, tmp_path / "forged.esgz", toc_digest_of(data))
