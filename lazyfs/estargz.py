@@ -59,6 +59,7 @@ FOOTER_SIZE = 51
 DEFAULT_CHUNK_SIZE = 4 << 20
 PARTIAL_MIN_SIZE = 4 << 20           # a file prefetched in part is at least this large ...
 PARTIAL_MAX_FRACTION = 0.5           # ... and its recorded chunks hold at most this of it
+MEMBER_DIGEST_MIN = 64 << 10         # chunks this large get a member digest (TOCEntry)
 OPAQUE_XATTR = "trusted.overlay.opaque"
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
 WHITEOUT_PREFIX = ".wh."
@@ -124,11 +125,14 @@ class _GzipMembers:
         self.z: zlib._Compress | None = None
         self.pos = 0
         self.blob_hash, self.raw_hash, self.raw_n = hashlib.sha256(), hashlib.sha256(), 0
+        self.member_start, self.member_hash = 0, hashlib.sha256()
+        self.member_digests: dict[int, str] = {}     # member start -> sha256 of its bytes
 
     def _emit(self, data: bytes) -> None:
         if data:
             self.f.write(data)
             self.blob_hash.update(data)
+            self.member_hash.update(data)
             self.pos += len(data)
 
     def write(self, data: bytes) -> None:
@@ -146,6 +150,9 @@ class _GzipMembers:
     def new_member(self) -> int:
         """Close the open member; the next write starts a member at the returned offset."""
         self.close_member()
+        if self.pos > self.member_start:
+            self.member_digests[self.member_start] = "sha256:" + self.member_hash.hexdigest()
+        self.member_start, self.member_hash = self.pos, hashlib.sha256()
         return self.pos
 
     def write_raw(self, data: bytes) -> None:
@@ -348,10 +355,11 @@ def write_layer(src: Path, out: Path, *, prioritized: Iterable[str] = (),
             if landmark_at >= len(order):
                 _write_landmark(gz, landmark, toc_entries)
             partial = plan_partial(toc_entries, read_ranges or {}) if found else {}
+            toc_offset = gz.new_member()          # closes the last payload member
+            toc_entries = _with_member_digests(toc_entries, gz.member_digests)
             toc_json = TOC(entries=tuple(toc_entries),
                            extra={PARTIAL_PREFETCH_KEY: partial} if partial else {}
                            ).to_json_bytes()
-            toc_offset = gz.new_member()
             ti = tarfile.TarInfo(TOC_NAME)
             ti.size, ti.mode = len(toc_json), 0o644
             gz.write(ti.tobuf(tarfile.USTAR_FORMAT))
@@ -369,6 +377,23 @@ def write_layer(src: Path, out: Path, *, prioritized: Iterable[str] = (),
                      uncompressed_size=gz.raw_n, entries=len(toc_entries),
                      prioritized=tuple(found), missing=tuple(missing),
                      skipped=tuple(skipped or ()), partial=tuple(partial))
+
+
+def _with_member_digests(entries: list[TOCEntry], digests: dict[int, str]) -> list[TOCEntry]:
+    """The entries with the compressed member's digest on each chunk of at least
+    MEMBER_DIGEST_MIN bytes (readers then hash the member, not the ~3x larger inflated
+    bytes; small chunks are not worth the TOC bytes)."""
+    out = []
+    sizes: dict[str, int] = {}
+    for e in entries:
+        if e.type == "reg" and e.size:
+            sizes[e.name] = e.size
+        if e.type in ("reg", "chunk") and e.name in sizes:
+            n = e.chunk_size or sizes[e.name] - e.chunk_offset
+            if n >= MEMBER_DIGEST_MIN and e.offset in digests:
+                e = replace(e, member_digest=digests[e.offset])
+        out.append(e)
+    return out
 
 
 def _write_landmark(gz: _GzipMembers, name: str, toc: list[TOCEntry]) -> None:

@@ -49,6 +49,7 @@ class Chunk:
     file_offset: int       # offset of the chunk within the file
     size: int              # uncompressed bytes
     digest: str            # sha256:... of the uncompressed bytes
+    member_digest: str = ""   # sha256:... of the member's compressed bytes [offset, end)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def _file_chunks(name: str, size: int, pieces: list[TOCEntry], toc_offset: int,
         out.append(frozen_new(Chunk, {"offset": p.offset, "end": next_start[p.offset],
                                       "inner_offset": p.inner_offset,
                                       "file_offset": p.chunk_offset, "size": n,
-                                      "digest": digest}))
+                                      "digest": digest, "member_digest": p.member_digest}))
         expect += n
     if expect != size:
         raise FormatError(f"{name!r}: chunks cover {expect} of {size} bytes")

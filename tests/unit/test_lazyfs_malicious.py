@@ -13,7 +13,7 @@ import pytest
 from lazyfs import FileBlobSource, extract, open_estargz, write_layer
 from lazyfs.errors import DigestMismatchError, FormatError, UnsafeEntryError
 from lazyfs.estargz import FOOTER_SIZE, footer_bytes, parse_footer
-from lazyfs.testing import rewrite_toc, toc_digest_of
+from lazyfs.testing import make_layer, rewrite_toc, toc_digest_of
 
 
 @pytest.fixture
@@ -219,7 +219,6 @@ def test_a_republished_estargz_must_keep_the_layers_chunk_digests(tmp_path: Path
     the layer's own bytes: other bytes under the old files' digests are refused."""
     import shutil
 
-    from lazyfs.testing import rewrite_toc, toc_digest_of
     from runtimed.dispatcher import _same_layer_files
     from sdk.exception import InvalidError
     layer = tmp_path / "layer"
@@ -246,4 +245,67 @@ def test_a_republished_estargz_must_keep_the_layers_chunk_digests(tmp_path: Path
     data = rewrite_toc(other.path.read_bytes(), same_file_digests)
     (tmp_path / "forged.esgz").write_bytes(data)
     with pytest.raises(InvalidError, match="chunks differ"):
+        _same_layer_files(old.path, tmp_path / "forged.esgz", toc_digest_of(data))
+
+
+def test_large_chunks_carry_member_digests_that_readers_check(tmp_path: Path):
+    import hashlib
+
+    from lazyfs.estargz import MEMBER_DIGEST_MIN
+    from lazyfs.reader import decode_chunk
+    layer = make_layer(tmp_path / "layer", big=1_000_000)
+    b = write_layer(layer, tmp_path / "l.esgz", chunk_size=256 * 1024)
+    blob = open_estargz(FileBlobSource(b.path), b.toc_digest)
+    data = b.path.read_bytes()
+    big = blob.tree.lookup("usr/lib/python3/big.bin").chunks
+    small = blob.tree.lookup("etc/hello.txt").chunks[0]
+    assert not small.member_digest                    # small chunks: not worth the TOC bytes
+    for c in big:
+        assert (c.member_digest != "") == (c.size >= MEMBER_DIGEST_MIN)
+        if c.member_digest:
+            assert c.member_digest == "sha256:" + hashlib.sha256(data[c.offset:c.end]).hexdigest()
+    c = big[0]
+    want = (layer / "usr/lib/python3/big.bin").read_bytes()[:c.size]
+    assert decode_chunk(c, data[c.offset:c.end]) == want
+    bad = bytearray(data[c.offset:c.end])
+    bad[len(bad) // 2] ^= 0xFF
+    with pytest.raises(DigestMismatchError, match="gzip member"):
+        decode_chunk(c, bytes(bad))
+    # the member digest vouches for the bytes; a full check also holds them to the chunk's
+    from dataclasses import replace
+    lying = replace(c, digest="sha256:" + "0" * 64)
+    assert decode_chunk(lying, data[c.offset:c.end]) == want
+    with pytest.raises(DigestMismatchError):
+        decode_chunk(lying, data[c.offset:c.end], full=True)
+
+
+def test_a_republished_estargz_whose_members_vouch_for_other_bytes_is_refused(tmp_path: Path):
+    """Nodes check a large chunk's compressed member against its member digest, not the
+    inflated bytes against the chunk digest: the dispatcher checks both, once."""
+    import shutil
+
+    from runtimed.dispatcher import _same_layer_files
+    from sdk.exception import InvalidError
+    layer = tmp_path / "layer"
+    (layer / "pkg").mkdir(parents=True)
+    (layer / "pkg/lib.so").write_bytes(os.urandom(300_000))
+    old = write_layer(layer, tmp_path / "old.esgz")
+    evil = tmp_path / "evil"
+    shutil.copytree(layer, evil)
+    st = os.stat(layer / "pkg/lib.so")
+    (evil / "pkg/lib.so").write_bytes(os.urandom(300_000))
+    os.utime(evil / "pkg/lib.so", ns=(st.st_atime_ns, st.st_mtime_ns))
+    other = write_layer(evil, tmp_path / "other.esgz", prioritized=["pkg/lib.so"])
+    orig = {e.name: (e.digest, e.chunk_digest)
+            for e in open_estargz(FileBlobSource(old.path)).toc.entries if e.digest}
+
+    def claim_the_layers_digests(doc: dict) -> None:     # member digests left: they match
+        for e in doc["entries"]:
+            if e["name"] in orig and e.get("digest"):
+                e["digest"], e["chunkDigest"] = orig[e["name"]]
+    data = rewrite_toc(other.path.read_bytes(), claim_the_layers_digests)
+    (tmp_path / "forged.esgz").write_bytes(data)
+    forged = open_estargz(FileBlobSource(tmp_path / "forged.esgz"))
+    assert forged.tree.lookup("pkg/lib.so").chunks[0].member_digest     # a node would trust it
+    with pytest.raises(InvalidError, match="does not match"):
         _same_layer_files(old.path, tmp_path / "forged.esgz", toc_digest_of(data))
