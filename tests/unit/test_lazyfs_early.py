@@ -115,3 +115,22 @@ def test_reads_wait_for_a_file_the_helper_has_not_written_yet(tmp_path: Path):
     early._done.set()
     t0 = time.monotonic()
     assert ws.wait_published(ino, 10) is None and time.monotonic() - t0 < 1
+
+
+def test_a_helper_killed_midway_reports_a_failure_and_leaves_only_whole_files(tmp_path: Path):
+    layer = make_layer(tmp_path / "layer", big=3_000_000)
+    b = write_layer(layer, tmp_path / "l.esgz", chunk_size=CHUNK,
+                    prioritized=["usr/lib/python3/big.bin", "etc/hello.txt"])
+    helper = spawn_helper()
+    data = tmp_path / "view" / "data"
+    early = start_prefetch(helper, read_toc(FileBlobSource(b.path)),
+                           asdict(SourceSpec("file", str(b.path))), str(tmp_path / "cache"),
+                           str(data))
+    early.kill()                                   # as the server does when a mount ends
+    res = early.wait(10)
+    assert early.done and res is not None
+    if res["state"] != "done":                     # (a fast helper may have finished)
+        assert res["state"].startswith("failed"), res
+    for f in data.rglob("*") if data.exists() else ():
+        if f.is_file() and ".staging" not in str(f):
+            assert f.read_bytes() == (layer / f.relative_to(data)).read_bytes()
