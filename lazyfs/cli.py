@@ -122,6 +122,11 @@ def cmd_push(a: argparse.Namespace) -> dict:
             "layers": list(img.layers)}
 
 
+def cmd_early_helper(a: argparse.Namespace) -> dict:
+    from .early import helper_main
+    sys.exit(helper_main())
+
+
 def cmd_serve(a: argparse.Namespace) -> dict:
     from .cache import ChunkCache
     from .fuse import serve
@@ -193,13 +198,6 @@ def cmd_serve(a: argparse.Namespace) -> dict:
     return {}
 
 
-def _early_helper() -> int:
-    from .early import helper_main
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s lazyfs[%(process)d] %(levelname)s %(message)s")
-    return helper_main()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lazyfs", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -239,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="internal: serve a MountSpec read from stdin")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("early-helper", help="internal: a mount server's prefetch helper")
-    p.set_defaults(fn=lambda _: sys.exit(_early_helper()))
+    p.set_defaults(fn=cmd_early_helper)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s lazyfs[%(process)d] %(levelname)s %(message)s")

@@ -85,11 +85,10 @@ def spawn_helper(python: str = sys.executable) -> subprocess.Popen:
     stdin; a mount server starts it with its own start, so neither the interpreter start
     nor a fork of the server's heap (whose pages the server would then copy on its every
     write: +60 ms before the mount was live, measured) is on the start's path."""
-    env = dict(os.environ)
-    repo = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    from .mount import _server_env
     return subprocess.Popen([python, "-m", "lazyfs", "early-helper"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env, start_new_session=True)
+                            stdout=subprocess.PIPE, env=_server_env(),
+                            start_new_session=True)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import stat
 import struct
 import tarfile
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -301,14 +301,12 @@ def plan_partial(entries: Sequence[TOCEntry], read_ranges: Mapping[str, Sequence
     out: dict[str, list[int]] = {}
     pieces: dict[str, list[tuple[int, int]]] = {}      # name -> (file offset, size) of chunks
     sizes: dict[str, int] = {}
-    for e in entries:
+    for e, n in _payload(entries):
         if e.name == PREFETCH_LANDMARK:
             break
-        if e.type == "reg" and e.size:
+        if e.type == "reg":
             sizes[e.name] = e.size
-            pieces[e.name] = [(0, e.chunk_size or e.size)]
-        elif e.type == "chunk" and e.name in pieces:
-            pieces[e.name].append((e.chunk_offset, e.chunk_size or sizes[e.name] - e.chunk_offset))
+        pieces.setdefault(e.name, []).append((e.chunk_offset, n))
     for name, chunks in pieces.items():
         ranges = read_ranges.get(name)
         if not ranges or sizes[name] < min_size or len(chunks) < 2:
@@ -383,17 +381,21 @@ def _with_member_digests(entries: list[TOCEntry], digests: dict[int, str]) -> li
     """The entries with the compressed member's digest on each chunk of at least
     MEMBER_DIGEST_MIN bytes (readers then hash the member, not the ~3x larger inflated
     bytes; small chunks are not worth the TOC bytes)."""
-    out = []
+    sized = {id(e): n for e, n in _payload(entries)}
+    return [replace(e, member_digest=digests[e.offset])
+            if sized.get(id(e), 0) >= MEMBER_DIGEST_MIN and e.offset in digests else e
+            for e in entries]
+
+
+def _payload(entries: Sequence[TOCEntry]) -> Iterator[tuple[TOCEntry, int]]:
+    """Pure: the entries holding file data as written ('reg' with data = its first chunk,
+    then its 'chunk' entries), each with its uncompressed size."""
     sizes: dict[str, int] = {}
     for e in entries:
         if e.type == "reg" and e.size:
             sizes[e.name] = e.size
         if e.type in ("reg", "chunk") and e.name in sizes:
-            n = e.chunk_size or sizes[e.name] - e.chunk_offset
-            if n >= MEMBER_DIGEST_MIN and e.offset in digests:
-                e = replace(e, member_digest=digests[e.offset])
-        out.append(e)
-    return out
+            yield e, e.chunk_size or sizes[e.name] - e.chunk_offset
 
 
 def _write_landmark(gz: _GzipMembers, name: str, toc: list[TOCEntry]) -> None:

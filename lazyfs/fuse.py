@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -141,8 +142,9 @@ class LazyOperations(pyfuse3.Operations):
                 return self.view.read(fh, off, size, block=False)
             except WouldBlock:
                 pass
-            return await trio.to_thread.run_sync(self.view.read, fh, off, size,
-                                                 limiter=self.limiter)
+            return await trio.to_thread.run_sync(
+                functools.partial(self.view.read, fh, off, size, record=False),
+                limiter=self.limiter)
         except LazyFSError as e:
             name = self.view.tree.nodes[fh].name
             log.error("read of %r at [%d, +%d) failed, answering EIO: %s", name, off, size, e)

@@ -76,18 +76,19 @@ def frozen_new(cls, kw: dict[str, Any]):
     others take their defaults), without the generated __init__, which sets each field
     through object.__setattr__: for a TOC's ~10,000 entries and its tree's nodes that was
     a third of building them (10,500 entries: 20 ms vs 5 ms)."""
-    defaults = _DEFAULTS.get(cls)
-    if defaults is None:
-        defaults = _DEFAULTS[cls] = {f.name: f.default for f in fields(cls)
-                                     if f.default is not MISSING}
+    known = _DEFAULTS.get(cls)
+    if known is None:
+        known = _DEFAULTS[cls] = (len(fields(cls)), {f.name: f.default for f in fields(cls)
+                                                     if f.default is not MISSING})
     obj = object.__new__(cls)
     d = obj.__dict__
-    d.update(defaults)
+    if len(kw) != known[0]:          # (every field given: nothing to default)
+        d.update(known[1])
     d.update(kw)
     return obj
 
 
-_DEFAULTS: dict[type, dict[str, Any]] = {}
+_DEFAULTS: dict[type, tuple[int, dict[str, Any]]] = {}
 
 
 @dataclass(frozen=True)

@@ -317,25 +317,21 @@ def _number(attrs: dict[str, _A], prefetch_end: int, prioritized: tuple[str, ...
         ino = ino_of.setdefault(id(attrs[name]), len(ino_of) + 1)
         paths[name] = ino
     nodes: dict[int, Node] = {}
-    new = object.__new__
     for name in names:           # (on every lazy mount's path: ~10,000 names, kept lean)
         a = attrs[name]
         ino = paths[name]
         if ino in nodes:
             continue
-        if a.mode & 0o170000 == stat.S_IFDIR:
+        if a.is_dir:
             children = tuple(sorted([(base, paths[child]) for base, child in a.children.items()]))
-            nlink = 2 + sum(1 for child in a.children.values()
-                            if attrs[child].mode & 0o170000 == stat.S_IFDIR)
+            nlink = 2 + sum(1 for child in a.children.values() if attrs[child].is_dir)
         else:
             children, nlink = (), max(1, a.names)
-        node = nodes[ino] = new(Node)
-        # every field given: the frozen dataclass's __dict__ filled at once (frozen_new)
-        node.__dict__.update(
+        nodes[ino] = frozen_new(Node, dict(
             ino=ino, name=name, mode=a.mode, uid=a.uid, gid=a.gid, size=a.size,
             mtime_ns=a.mtime_ns, rdev=0, nlink=nlink, link_target=a.link_target,
             xattrs=tuple(sorted(a.xattrs.items())) if a.xattrs else (), chunks=a.chunks,
-            children=children)
+            children=children))
     return Tree(nodes=nodes, paths=paths, prefetch_end=prefetch_end, prioritized=prioritized,
                 chunks_in_order=order, partial=partial or {}, prefetch_skip=skip)
 

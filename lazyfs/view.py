@@ -65,19 +65,24 @@ class Recorder:
         self._dirty = False
         self._lock = threading.Lock()
 
-    def note(self, name: str, *, read: bool = False) -> None:
-        target = self._read if read else self._opened
-        if name in target:
+    def note(self, name: str) -> None:
+        """`name` was opened."""
+        if name in self._opened:
             return
         with self._lock:
-            if name not in target:
-                target[name] = None
+            if name not in self._opened:
+                self._opened[name] = None
                 self._dirty = True
 
-    def note_range(self, name: str, start: int, end: int) -> None:
+    def note_read(self, name: str, start: int, end: int) -> None:
+        """[start, end) of `name` was read (an empty range: a read at its end)."""
         with self._lock:
-            self._ranges.setdefault(name, []).append((start, end))
-            self._dirty = True
+            if name not in self._read:
+                self._read[name] = None
+                self._dirty = True
+            if start < end:
+                self._ranges.setdefault(name, []).append((start, end))
+                self._dirty = True
 
     def flush(self) -> bool:
         """Write the file atomically if anything changed; returns whether it wrote."""
@@ -175,15 +180,15 @@ class LayerView:
             self.recorder.note(self.tree.nodes[ino].name)
 
     # -- data ----------------------------------------------------------------------------
-    def read(self, ino: int, offset: int, size: int, *, block: bool = True) -> bytes:
+    def read(self, ino: int, offset: int, size: int, *, block: bool = True,
+             record: bool = True) -> bytes:
         """Bytes [offset, offset+size) of a regular file (short at EOF). With `block` False,
-        raises WouldBlock unless every piece is in memory or on local disk."""
+        raises WouldBlock unless every piece is in memory or on local disk; `record` False:
+        not noted by the recorder (a retry of a read that was)."""
         node = self.tree.nodes[ino]
         end = min(node.size, offset + size)
-        if self.recorder is not None:
-            self.recorder.note(node.name, read=True)
-            if offset < end:
-                self.recorder.note_range(node.name, offset, end)
+        if self.recorder is not None and record:
+            self.recorder.note_read(node.name, offset, max(offset, end))
         if offset >= end:
             return b""
         ws = self.workset

@@ -672,43 +672,41 @@ def _same_layer_files(old: os.PathLike, new: os.PathLike, toc_digest: str) -> in
                 and e.name not in (".prefetch.landmark", ".no.prefetch.landmark")}
     srcs = [lazyfs.FileBlobSource(old), lazyfs.FileBlobSource(new)]
     try:
-        a = lazyfs.open_estargz(srcs[0])
-        b = lazyfs.open_estargz(srcs[1], toc_digest)
-    except lazyfs.LazyFSError as e:
-        raise InvalidError(f"not a usable eStargz blob: {e}") from None
+        try:
+            a = lazyfs.open_estargz(srcs[0])
+            b = lazyfs.open_estargz(srcs[1], toc_digest)
+        except lazyfs.LazyFSError as e:
+            raise InvalidError(f"not a usable eStargz blob: {e}") from None
+        if entries(a) != entries(b):
+            diff = sorted(entries(a) ^ entries(b))[:3]
+            raise InvalidError(f"the new eStargz holds other files than the layer's: {diff}")
+        # nodes verify what they read chunk by chunk, against the chunk digests: those must
+        # be the layer's own, not just the files' digests (which no lazy read checks), or a
+        # node could republish other bytes under the same file digests
+        ca, cb = _chunk_digests(a.tree), _chunk_digests(b.tree)
+        if ca != cb:
+            diff = sorted(set(ca.items()) ^ set(cb.items()))
+            raise InvalidError("the new eStargz's chunks differ from the layer's (same chunk "
+                               f"size needed): {[n for n, _ in diff][:3]}")
+        _check_members(b)
     finally:
         for src in srcs:
             src.close()
-    if entries(a) != entries(b):
-        diff = sorted(entries(a) ^ entries(b))[:3]
-        raise InvalidError(f"the new eStargz holds other files than the layer's: {diff}")
-    # nodes verify what they read chunk by chunk, against the chunk digests: those must be
-    # the layer's own, not just the files' digests (which no lazy read checks), or a node
-    # could republish other bytes under the same file digests
-    if _chunk_digests(a.tree) != _chunk_digests(b.tree):
-        diff = sorted(set(_chunk_digests(a.tree).items()) ^ set(_chunk_digests(b.tree).items()))
-        raise InvalidError("the new eStargz's chunks differ from the layer's (same chunk "
-                           f"size needed): {[n for n, _ in diff][:3]}")
-    _check_members(new, b.tree)
     return len(b.tree.prioritized)
 
 
-def _check_members(path: os.PathLike, tree) -> None:
-    """Every member digest of the blob at `path` vouches for its chunk's bytes: nodes
-    check the compressed member instead of the inflated chunk when the TOC has one, so a
-    published blob's member digests must be checked against the content once, here (the
-    chunk digests are the layer's own, _same_layer_files). ~1 s for a 340 MB layer."""
+def _check_members(blob) -> None:
+    """Every member digest of `blob` vouches for its chunk's bytes: nodes check the
+    compressed member instead of the inflated chunk when the TOC has one, so a published
+    blob's member digests must be checked against the content once, here (the chunk
+    digests are the layer's own, _same_layer_files). ~1 s for a 340 MB layer."""
     import lazyfs
-    from lazyfs.reader import decode_chunk
-    src = lazyfs.FileBlobSource(path)
     try:
-        for c in tree.chunks_in_order:
+        for c in blob.tree.chunks_in_order:
             if c.member_digest:
-                decode_chunk(c, src.read(c.offset, c.end - c.offset), full=True)
+                blob.read_chunk(c, full=True)
     except lazyfs.LazyFSError as e:
         raise InvalidError(f"the new eStargz's content does not match its TOC: {e}") from None
-    finally:
-        src.close()
 
 
 def _chunk_digests(tree) -> dict[str, tuple]:
