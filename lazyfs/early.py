@@ -22,6 +22,7 @@ the server's reads fall back to fetching.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -52,25 +53,17 @@ def prioritized_toc(toc_json: bytes) -> TOC | None:
     landmark, the landmark and the TOC's extension keys; None without a landmark. Built
     into a tree, it plans the same working set as the whole TOC (directories, links and
     the rest carry no data; build_tree validates what is left as it would the whole)."""
-    try:
-        obj = json.loads(toc_json)
-        raw = obj["entries"]
-    except (ValueError, UnicodeDecodeError, TypeError, KeyError):
-        raise FormatError("TOC is not a JSON object with entries") from None
-    if not isinstance(raw, list):
-        raise FormatError("TOC has no entries list")
+    toc = TOC.parse(toc_json)
     keep = []
-    for e in raw:
-        if not isinstance(e, dict):
-            raise FormatError("TOC entry is not an object")
-        if clean_name(e.get("name", "")) == PREFETCH_LANDMARK:
+    for e in toc.entries:
+        if clean_name(e.name) == PREFETCH_LANDMARK:
             keep.append(e)
             break
-        if e.get("type") in ("reg", "chunk"):
+        if e.type in ("reg", "chunk"):
             keep.append(e)
     else:
         return None
-    return TOC.from_obj({**obj, "entries": keep})
+    return dataclasses.replace(toc, entries=tuple(keep))
 
 
 def _die_with_parent() -> None:

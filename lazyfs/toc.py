@@ -1,20 +1,21 @@
-"""The eStargz TOC (`stargz.index.json`) as typed, frozen dataclasses.
+"""The eStargz TOC (`stargz.index.json`) as typed, frozen records.
 
 JSON field names, `omitempty` behaviour and the base64 encoding of xattr values follow the
 Go reference (containerd/stargz-snapshotter `estargz/types.go`), so TOCs written by
-`ctr-remote` parse here and ours parse there. Parsing checks types and value ranges of
-every field; structural checks that need the whole TOC (chunk order, offsets against the
+`ctr-remote` parse here and ours parse there. Parsing (msgspec, in C) checks types and
+value ranges of every field; structural checks that need the whole TOC (chunk order, offsets against the
 blob, hard-link targets) live in `tree.py`.
 """
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import re
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import msgspec
 
 from .errors import FormatError, UnsafeEntryError
 
@@ -71,127 +72,69 @@ def clean_name(raw: str) -> str:
     return "/".join(parts)
 
 
-def frozen_new(cls, kw: dict[str, Any]):
-    """An instance of the frozen dataclass `cls` from already checked fields `kw` (the
-    others take their defaults), without the generated __init__, which sets each field
-    through object.__setattr__: for a TOC's ~10,000 entries and its tree's nodes that was
-    a third of building them (10,500 entries: 20 ms vs 5 ms)."""
-    known = _DEFAULTS.get(cls)
-    if known is None:
-        known = _DEFAULTS[cls] = (len(fields(cls)), {f.name: f.default for f in fields(cls)
-                                                     if f.default is not MISSING})
-    obj = object.__new__(cls)
-    d = obj.__dict__
-    if len(kw) != known[0]:          # (every field given: nothing to default)
-        d.update(known[1])
-    d.update(kw)
-    return obj
+# JSON key of each TOCEntry field whose Go name differs (estargz/types.go)
+_JSON_NAMES = {"link_name": "linkName", "user_name": "userName", "group_name": "groupName",
+               "dev_major": "devMajor", "dev_minor": "devMinor", "inner_offset": "innerOffset",
+               "chunk_offset": "chunkOffset", "chunk_size": "chunkSize",
+               "chunk_digest": "chunkDigest", "member_digest": "runtimedMemberDigest"}
+_Uint = Annotated[int, msgspec.Meta(ge=0, lt=MAX_INT)]
+_Digest = Annotated[str, msgspec.Meta(pattern=r"^(sha256:[0-9a-f]{64})?$")]   # '' = none
+EntryType = Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"]
 
 
-_DEFAULTS: dict[type, tuple[int, dict[str, Any]]] = {}
+class TOCEntry(msgspec.Struct, frozen=True, gc=False, rename=_JSON_NAMES):
+    """One TOC entry: a tar entry, or one chunk of a regular file (type 'chunk').
 
-
-@dataclass(frozen=True)
-class TOCEntry:
-    """One TOC entry: a tar entry, or one chunk of a regular file (type 'chunk')."""
+    A msgspec Struct: the TOC of a large layer (~10,000 entries, 4 MB of JSON) is decoded
+    and every field type- and range-checked in C on each lazy mount's path (7 ms, against
+    80 ms for json.loads and a checked dataclass per entry). Untracked by the GC: entries
+    hold only strings, ints and a dict of bytes, so they cannot form cycles."""
 
     name: str
-    type: str
-    size: int = 0                     # uncompressed size of a 'reg' file
+    type: EntryType
+    size: _Uint = 0                   # uncompressed size of a 'reg' file
     modtime: str = ""                 # RFC3339 UTC, '' = unknown
     link_name: str = ""               # 'symlink' target or 'hardlink' source entry name
-    mode: int = 0                     # permission bits (type bits, if any, are ignored)
-    uid: int = 0
-    gid: int = 0
+    mode: _Uint = 0                   # permission bits (type bits, if any, are ignored)
+    uid: _Uint = 0
+    gid: _Uint = 0
     user_name: str = ""
     group_name: str = ""
-    dev_major: int = 0
-    dev_minor: int = 0
-    xattrs: tuple[tuple[str, bytes], ...] = ()
-    digest: str = ""                  # sha256 of the whole file ('reg')
-    offset: int = 0                   # blob offset of the gzip member holding this payload
-    inner_offset: int = 0             # uncompressed offset of the payload within that member
-    chunk_offset: int = 0             # offset of this chunk within the file
-    chunk_size: int = 0               # uncompressed chunk size; 0 = up to the end of the file
-    chunk_digest: str = ""            # sha256 of this chunk's uncompressed bytes
+    dev_major: _Uint = 0
+    dev_minor: _Uint = 0
+    xattrs: dict[str, bytes] = msgspec.field(default_factory=dict)   # base64 in the JSON
+    digest: _Digest = ""              # sha256 of the whole file ('reg')
+    offset: _Uint = 0                 # blob offset of the gzip member holding this payload
+    inner_offset: _Uint = 0           # uncompressed offset of the payload within that member
+    chunk_offset: _Uint = 0           # offset of this chunk within the file
+    chunk_size: _Uint = 0             # uncompressed chunk size; 0 = up to the end of the file
+    chunk_digest: _Digest = ""        # sha256 of this chunk's uncompressed bytes
     # our extension (other readers ignore the key): sha256 of the compressed gzip member
     # holding this chunk, blob bytes [offset, next member); lets a reader check the member
     # instead of hashing the (~3x larger) inflated bytes. Written for large chunks only.
-    member_digest: str = ""
-
-    _FIELDS = (("name", "name"), ("type", "type"), ("size", "size"), ("modtime", "modtime"),
-               ("linkName", "link_name"), ("mode", "mode"), ("uid", "uid"), ("gid", "gid"),
-               ("userName", "user_name"), ("groupName", "group_name"),
-               ("devMajor", "dev_major"), ("devMinor", "dev_minor"), ("digest", "digest"),
-               ("offset", "offset"), ("innerOffset", "inner_offset"),
-               ("chunkOffset", "chunk_offset"), ("chunkSize", "chunk_size"),
-               ("chunkDigest", "chunk_digest"), ("runtimedMemberDigest", "member_digest"))
-
-    @property
-    def xattr_map(self) -> dict[str, bytes]:
-        return dict(self.xattrs)
+    member_digest: _Digest = ""
 
     def to_json(self) -> dict[str, Any]:
         """The Go-compatible JSON object (zero values omitted, xattr values base64)."""
         out: dict[str, Any] = {}
-        for key, attr in self._FIELDS:
+        for attr in self.__struct_fields__:
             value = getattr(self, attr)
-            if value or key in ("name", "type"):
-                out[key] = value
+            if attr == "xattrs":
+                continue
+            if value or attr in ("name", "type"):
+                out[_JSON_NAMES.get(attr, attr)] = value
         if self.xattrs:
-            out["xattrs"] = {k: base64.b64encode(v).decode() for k, v in self.xattrs}
+            out["xattrs"] = {k: base64.b64encode(v).decode() for k, v in sorted(self.xattrs.items())}
         return out
 
-    @classmethod
-    def from_json(cls, obj: Any, index: int) -> TOCEntry:
-        """Parse and type-check one entry; raises FormatError on any malformed field."""
-        if not isinstance(obj, dict):
-            raise FormatError(f"TOC entry {index} is not an object")
-        kw: dict[str, Any] = {}
-        for key, value in obj.items():        # only the fields present (TOCs omit zeros)
-            spec = _JSON_FIELDS.get(key)
-            if spec is None or value is None:
-                continue
-            attr, is_int = spec
-            if is_int:
-                if value.__class__ is not int and (isinstance(value, bool)
-                                                   or not isinstance(value, int)):
-                    raise FormatError(f"TOC entry {index}: {key} is not an integer: {value!r}")
-                if not 0 <= value < MAX_INT:
-                    raise FormatError(f"TOC entry {index}: {key} out of range: {value}")
-            elif value.__class__ is not str and not isinstance(value, str):
-                raise FormatError(f"TOC entry {index}: {key} is not a string: {value!r}")
-            kw[attr] = value
-        for key in ("name", "type"):          # no defaults
-            if key not in kw:
-                raise FormatError(f"TOC entry {index}: {key} is not a string: None")
-        if kw["type"] not in ENTRY_TYPES:
-            raise FormatError(f"TOC entry {index}: unknown type {kw['type']!r}")
-        for attr in ("digest", "chunk_digest", "member_digest"):
-            if kw.get(attr):
-                check_digest(kw[attr], f"TOC entry {index} ({kw['name']!r}) {attr}")
-        raw_x = obj.get("xattrs") or {}
-        if raw_x:
-            if not isinstance(raw_x, dict):
-                raise FormatError(f"TOC entry {index}: xattrs is not an object")
-            xattrs = []
-            for k, v in sorted(raw_x.items()):
-                if not isinstance(v, str):
-                    raise FormatError(f"TOC entry {index}: xattr {k!r} value is not a "
-                                      "base64 string")
-                try:
-                    xattrs.append((k, base64.b64decode(v, validate=True)))
-                except (binascii.Error, ValueError):
-                    raise FormatError(f"TOC entry {index}: xattr {k!r} value is not valid "
-                                      "base64") from None
-            kw["xattrs"] = tuple(xattrs)
-        return frozen_new(cls, kw)
+
+_decode_entries = msgspec.json.Decoder(
+    Annotated[list[TOCEntry], msgspec.Meta(max_length=MAX_ENTRIES)]).decode
+_decode_top = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 
 
-# JSON key -> (attribute, whether an integer) for TOCEntry.from_json
-_JSON_FIELDS: dict[str, tuple[str, bool]] = {
-    key: (attr, isinstance(TOCEntry.__dataclass_fields__[attr].default, int))
-    for key, attr in TOCEntry._FIELDS}
+def replace_entry(e: TOCEntry, **changes: Any) -> TOCEntry:
+    return msgspec.structs.replace(e, **changes)
 
 
 @dataclass(frozen=True)
@@ -213,23 +156,31 @@ class TOC:
     def parse(cls, data: bytes) -> TOC:
         """Parse TOC JSON bytes; raises FormatError on bad JSON, version, or entries."""
         try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FormatError(f"TOC is not valid JSON: {e}") from None
-        return cls.from_obj(obj)
+            top = _decode_top(data)
+        except msgspec.MsgspecError as e:
+            raise FormatError(f"TOC is not a JSON object: {e}") from None
+        try:
+            version = msgspec.json.decode(top.get("version", b"null"))
+        except msgspec.MsgspecError:
+            version = None
+        if version.__class__ is not int or version != TOC_VERSION:
+            raise FormatError(f"unsupported TOC version {version!r} (want 1)")
+        raw = top.get("entries")
+        if raw is None:
+            raise FormatError("TOC has no entries list")
+        try:
+            entries = tuple(_decode_entries(raw))
+            extra = {k: msgspec.json.decode(v) for k, v in top.items()
+                     if k not in ("version", "entries")}
+        except msgspec.MsgspecError as e:
+            raise FormatError(f"TOC entries: {e}") from None
+        return cls(entries=entries, extra=extra)
 
     @classmethod
     def from_obj(cls, obj: Any) -> TOC:
         """The TOC from its decoded JSON; raises FormatError as parse."""
-        if not isinstance(obj, dict):
-            raise FormatError("TOC is not a JSON object")
-        if obj.get("version") != TOC_VERSION:
-            raise FormatError(f"unsupported TOC version {obj.get('version')!r} (want 1)")
-        raw = obj.get("entries")
-        if not isinstance(raw, list):
-            raise FormatError("TOC has no entries list")
-        if len(raw) > MAX_ENTRIES:
-            raise FormatError(f"TOC has {len(raw)} entries (limit {MAX_ENTRIES})")
-        entries = tuple(TOCEntry.from_json(e, i) for i, e in enumerate(raw))
-        extra = {k: v for k, v in obj.items() if k not in ("version", "entries")}
-        return cls(entries=entries, extra=extra)
+        try:
+            data = msgspec.json.encode(obj)
+        except (msgspec.MsgspecError, TypeError) as e:
+            raise FormatError(f"TOC is not JSON: {e}") from None
+        return cls.parse(data)

@@ -19,6 +19,8 @@ import stat
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import msgspec
+
 from .errors import FormatError, UnsafeEntryError
 from .toc import (
     NO_PREFETCH_LANDMARK,
@@ -27,7 +29,6 @@ from .toc import (
     TOC,
     TOCEntry,
     clean_name,
-    frozen_new,
 )
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -39,8 +40,10 @@ _TYPE_BITS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK,
               "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
 
 
-@dataclass(frozen=True)
-class Chunk:
+# Chunks and nodes are msgspec Structs (frozen, hashable, untracked by the GC: they hold
+# only ints, strings and tuples of them): ~20,000 of them are made on every lazy mount's
+# path, several times faster than frozen dataclasses, and never traversed by a collection.
+class Chunk(msgspec.Struct, frozen=True, gc=False):
     """One verified-on-read piece of a regular file."""
 
     offset: int            # blob offset of the gzip member holding it
@@ -52,8 +55,7 @@ class Chunk:
     member_digest: str = ""   # sha256:... of the member's compressed bytes [offset, end)
 
 
-@dataclass(frozen=True)
-class Node:
+class Node(msgspec.Struct, frozen=True, gc=False):
     """One inode. Hard links share a Node (nlink counts the names)."""
 
     ino: int
@@ -127,10 +129,8 @@ def _file_chunks(name: str, size: int, pieces: list[TOCEntry], toc_offset: int,
         digest = p.chunk_digest or (p.digest if len(pieces) == 1 else "")
         if not digest:
             raise FormatError(f"{name!r}: chunk at {p.chunk_offset} has no chunkDigest")
-        out.append(frozen_new(Chunk, {"offset": p.offset, "end": next_start[p.offset],
-                                      "inner_offset": p.inner_offset,
-                                      "file_offset": p.chunk_offset, "size": n,
-                                      "digest": digest, "member_digest": p.member_digest}))
+        out.append(Chunk(p.offset, next_start[p.offset], p.inner_offset, p.chunk_offset, n,
+                         digest, p.member_digest))
         expect += n
     if expect != size:
         raise FormatError(f"{name!r}: chunks cover {expect} of {size} bytes")
@@ -327,11 +327,10 @@ def _number(attrs: dict[str, _A], prefetch_end: int, prioritized: tuple[str, ...
             nlink = 2 + sum(1 for child in a.children.values() if attrs[child].is_dir)
         else:
             children, nlink = (), max(1, a.names)
-        nodes[ino] = frozen_new(Node, dict(
-            ino=ino, name=name, mode=a.mode, uid=a.uid, gid=a.gid, size=a.size,
-            mtime_ns=a.mtime_ns, rdev=0, nlink=nlink, link_target=a.link_target,
-            xattrs=tuple(sorted(a.xattrs.items())) if a.xattrs else (), chunks=a.chunks,
-            children=children))
+        nodes[ino] = Node(ino, name, a.mode, a.uid, a.gid, a.size, a.mtime_ns, 0, nlink,
+                          a.link_target,
+                          tuple(sorted(a.xattrs.items())) if a.xattrs else (), a.chunks,
+                          children)
     return Tree(nodes=nodes, paths=paths, prefetch_end=prefetch_end, prioritized=prioritized,
                 chunks_in_order=order, partial=partial or {}, prefetch_skip=skip)
 

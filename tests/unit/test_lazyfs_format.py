@@ -141,7 +141,7 @@ def test_writing_is_deterministic_and_blob_info_agrees(layer: Path, blob, tmp_pa
 
 def test_toc_json_round_trip_and_go_field_names():
     e = TOCEntry(name="a/b", type="reg", size=3, mode=0o644, uid=1, gid=2, offset=10,
-                 xattrs=(("user.x", b"\x00\xff"),), chunk_digest="sha256:" + "0" * 64)
+                 xattrs={"user.x": b"\x00\xff"}, chunk_digest="sha256:" + "0" * 64)
     obj = e.to_json()
     assert obj["xattrs"] == {"user.x": "AP8="} and obj["chunkDigest"].startswith("sha256:")
     assert "linkName" not in obj and "devMajor" not in obj        # omitempty

@@ -272,7 +272,7 @@ def test_large_chunks_carry_member_digests_that_readers_check(tmp_path: Path):
     with pytest.raises(DigestMismatchError, match="gzip member"):
         decode_chunk(c, bytes(bad))
     # the member digest vouches for the bytes; a full check also holds them to the chunk's
-    from dataclasses import replace
+    from msgspec.structs import replace
     lying = replace(c, digest="sha256:" + "0" * 64)
     assert decode_chunk(lying, data[c.offset:c.end]) == want
     with pytest.raises(DigestMismatchError):

@@ -408,19 +408,20 @@ def test_a_tampered_member_in_the_read_ahead_fails_only_its_own_read(tmp_path: P
     assert view.read(_ino(view, "pkg/mod03.py"), 0, 4096) == (d / "pkg/mod03.py").read_bytes()
 
 
-def test_frozen_new_builds_the_same_immutable_value_as_the_constructor():
-    import dataclasses
-
-    from lazyfs.toc import TOCEntry, frozen_new
+def test_toc_records_are_immutable_and_compare_by_value():
+    from lazyfs.toc import TOCEntry
     from lazyfs.tree import Chunk
     kw = {"name": "a/b.py", "type": "reg", "size": 3, "offset": 7}
-    fast, slow = frozen_new(TOCEntry, kw), TOCEntry(**kw)
-    assert fast == slow and hash(fast) == hash(slow) and fast.xattrs == () and fast.uid == 0
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        fast.size = 4
-    c = frozen_new(Chunk, {"offset": 1, "end": 2, "inner_offset": 0, "file_offset": 0,
-                           "size": 5, "digest": "sha256:" + "a" * 64})
-    assert c == Chunk(1, 2, 0, 0, 5, "sha256:" + "a" * 64)
+    e = TOCEntry(**kw)
+    assert e == TOCEntry(**kw) and e.xattrs == {} and e.uid == 0
+    with pytest.raises(AttributeError):
+        e.size = 4
+    c = Chunk(1, 2, 0, 0, 5, "sha256:" + "a" * 64)
+    assert c == Chunk(offset=1, end=2, inner_offset=0, file_offset=0, size=5,
+                      digest="sha256:" + "a" * 64) and c.member_digest == ""
+    assert hash(c) == hash(Chunk(1, 2, 0, 0, 5, "sha256:" + "a" * 64))   # prefetch_skip sets
+    with pytest.raises(AttributeError):
+        c.size = 4
 
 
 def test_a_nonblocking_read_serves_memory_and_read_ahead_and_never_the_network(tmp_path: Path):
