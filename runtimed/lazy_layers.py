@@ -193,8 +193,10 @@ class LazyLayers:
         self.layers.views.pop(key, None)
         self._local_since.pop(key, None)
         view_dir, mp = self._view_paths(key)
-        if os.path.ismount(mp):
-            umount(str(mp))
+        # the view, then the meta tree's EROFS image the mount server mounted under it
+        for m in (mp, view_dir / "meta"):
+            if os.path.ismount(m):
+                umount(str(m))
         shutil.rmtree(view_dir, ignore_errors=True)
 
     def _mount_view(self, key: str, fuse_mp: Path, with_data: bool) -> Path | None:

@@ -16,7 +16,8 @@ log() { printf '[setup %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 [ "$(id -u)" = 0 ] || { echo "setup.sh must run as root" >&2; exit 1; }
 
 APT_PKGS=(runc iptables fuse3 libfuse3-dev pkg-config build-essential debootstrap
-          zlib1g-dev zstd iproute2 redis-server docker-registry skopeo containerd stargz-snapshotter)
+          zlib1g-dev zstd iproute2 redis-server docker-registry skopeo containerd stargz-snapshotter
+          erofs-utils)   # fsck.erofs checks the meta images in the tests
 
 apt_stamp="$CACHE/apt.$(echo "${APT_PKGS[*]}" | sha256sum | cut -c1-12)"
 if [ ! -e "$apt_stamp" ]; then

@@ -167,8 +167,14 @@ def test_recorded_prefetch_is_published_and_prefetched_by_later_mounts(runtime):
         assert entry.get("view") and (entry.get("meta") or {}).get("state") == "done", entry
         vd = runtime.node_dir / "lz" / "ws" / key[:16]
         assert (vd / "data/data/small.txt").read_text() == f"small-{RUN}\n"
-        stub = os.stat(vd / "meta/data/big.bin")                # a stub: metadata only
-        assert stub.st_size == 20_000_000 and stub.st_blocks == 0
+        # a metacopy stub (metadata only): in the meta tree's EROFS image, mounted by the
+        # mount server, a chunk-based inode whose one chunk is a hole
+        assert entry["meta"]["kind"] == "erofs image" and os.path.ismount(vd / "meta")
+        stub = vd / "meta/data/big.bin"
+        assert os.stat(stub).st_size == 20_000_000
+        assert os.getxattr(stub, "trusted.overlay.redirect") == b"/data/big.bin"
+        with open(stub, "rb") as f:
+            assert f.read(1 << 16) == bytes(1 << 16)
         assert not (vd / "data/data/big.bin").exists()
         assert os.path.ismount(vd.parent)                      # on the node's ws tmpfs
         assert os.path.ismount(runtime.node_dir / "lz" / f"{key[:16]}.view")
