@@ -127,6 +127,37 @@ def cmd_early_helper(a: argparse.Namespace) -> dict:
     sys.exit(helper_main())
 
 
+def _fetch_meta_image(spec):
+    """The published meta image, fetched in a thread while the TOC is read and the tree
+    built; `.result()` gives its verified bytes, or None (logged) when it cannot be had:
+    the server then builds the image itself."""
+    import concurrent.futures
+
+    from .metaimage import image_digest
+    from .mount import open_source
+
+    def fetch() -> bytes | None:
+        try:
+            src = open_source(dataclasses.replace(spec.source, digest=spec.meta_digest,
+                                         size=spec.meta_size))
+            try:
+                data = src.read(0, src.size())
+            finally:
+                src.close()
+            if image_digest(data) != spec.meta_digest:
+                raise ValueError(f"meta image has digest {image_digest(data)}, not "
+                                 f"{spec.meta_digest}")
+            return data
+        except Exception as e:  # noqa: BLE001 - building it is the fallback
+            logging.getLogger("lazyfs").warning("no published meta image (%s), building "
+                                                "it: %s", spec.meta_digest, e)
+            return None
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lazyfs-meta")
+    fut = pool.submit(fetch)
+    pool.shutdown(wait=False)
+    return fut
+
+
 def cmd_serve(a: argparse.Namespace) -> dict:
     from .cache import ChunkCache
     from .fuse import serve
@@ -150,6 +181,7 @@ def cmd_serve(a: argparse.Namespace) -> dict:
         os.dup2(fd, 2)
         os.close(fd)
     t0 = time.monotonic()
+    meta_image = _fetch_meta_image(spec) if spec.view_dir and spec.meta_digest else None
     src = open_source(spec.source)
     try:
         raw = read_toc(src, spec.toc_digest)
@@ -189,7 +221,8 @@ def cmd_serve(a: argparse.Namespace) -> dict:
         serve(view, spec.mountpoint, fsname=f"lazyfs:{layer[:19]}", prefetch=spec.prefetch,
               fetch_all=spec.fetch_all, status_path=spec.status_path,
               allow_other=spec.allow_other, view_dir=spec.view_dir, workset=spec.workset,
-              workset_only=spec.workset_only, early=early)
+              workset_only=spec.workset_only, early=early,
+              meta_image=meta_image.result if meta_image is not None else None)
     finally:
         if early is not None:
             early.kill()

@@ -32,7 +32,13 @@ import trio
 
 from .early import DirWorkset, EarlyPrefetch
 from .errors import LazyFSError
-from .metaimage import UnsupportedError, mount_meta, unmount_image
+from .metaimage import (
+    MetaImageStats,
+    UnsupportedError,
+    mount_image_bytes,
+    mount_meta,
+    unmount_image,
+)
 from .metatree import write_metatree
 from .tree import ROOT_INO, Node
 from .view import LayerView, WouldBlock
@@ -213,7 +219,8 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
           fetch_all: bool = False, status_path: str | None = None, allow_other: bool = True,
           view_dir: str | None = None, workset: bool = True, workset_only: bool = False,
           early: EarlyPrefetch | None = None,
-          on_mounted: Callable[[], None] | None = None) -> None:
+          on_mounted: Callable[[], None] | None = None,
+          meta_image: Callable[[], bytes | None] | None = None) -> None:
     """Mount `view` at `mountpoint` and serve until unmounted or SIGTERM/SIGINT.
 
     Blocks. With `view_dir`, the layer's meta tree is written to VIEW_DIR/meta before the
@@ -223,7 +230,8 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
     bytes, cache hits, errors, prefetch, meta tree, working set) twice a second while
     anything changes, and the access recorder is flushed alike. `early`: the helper
     already writing the working set into VIEW_DIR/data (lazyfs.early); this process then
-    runs no prefetch of its own unless the meta tree fails.
+    runs no prefetch of its own unless the meta tree fails. `meta_image`: gives the
+    layer's published meta image (metaimage.py), checked, or None: then it is built here.
     """
     ops = LazyOperations(view)
     state: dict = {"terminated": False, "status": None}
@@ -264,18 +272,27 @@ def serve(view: LayerView, mountpoint: str, *, fsname: str = "lazyfs", prefetch:
         meta = os.path.join(view_dir, "meta")
         try:
             st = None
+            kind = "files"
             if META_IMAGE:
+                scratch = view.cache.root / "scratch"
                 try:
-                    st = mount_meta(view.tree, meta, view.cache.root / "scratch")
+                    t0 = time.monotonic()
+                    published = meta_image() if meta_image is not None else None
+                    if published is not None:
+                        mount_image_bytes(published, meta, scratch)
+                        st = MetaImageStats(len(view.tree.paths), None, None, len(published),
+                                            round(time.monotonic() - t0, 3))
+                        kind = "published erofs image"
+                    else:
+                        st = mount_meta(view.tree, meta, scratch)
+                        kind = "erofs image"
                     state["meta_mount"] = meta
                 except (UnsupportedError, OSError) as e:
                     log.info("meta tree as files, not an EROFS image: %s", e)
-            kind = "erofs image" if st is not None else "files"
             if st is None:
                 st = write_metatree(view.tree, meta)
             view.counters.meta = {"state": "done", "kind": kind, **dataclasses.asdict(st)}
-            log.info("meta tree (%s): %d entries (%d stubs) in %.3fs", kind, st.entries,
-                     st.stubs, st.seconds)
+            log.info("meta tree (%s): %d entries in %.3fs", kind, st.entries, st.seconds)
         except (LazyFSError, OSError) as e:
             log.warning("no meta tree in %s (the node serves the FUSE mount alone): %s",
                         view_dir, e)

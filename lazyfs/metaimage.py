@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import os
 import stat
 import struct
@@ -41,8 +42,8 @@ from .metatree import (
 )
 from .tree import ROOT_INO, Tree
 
-__all__ = ["MetaImageStats", "UnsupportedError", "build_image", "mount_image", "mount_meta",
-           "unmount_image"]
+__all__ = ["MetaImageStats", "UnsupportedError", "build_image", "image_digest", "mount_image",
+           "mount_image_bytes", "mount_meta", "unmount_image", "write_image_of_blob"]
 
 BLK_BITS = 12
 BLK = 1 << BLK_BITS
@@ -73,8 +74,8 @@ class UnsupportedError(ValueError):
 @dataclass(frozen=True)
 class MetaImageStats:
     entries: int
-    stubs: int
-    whiteouts: int
+    stubs: int | None                  # None: a published image, mounted as it came
+    whiteouts: int | None
     bytes: int
     seconds: float
 
@@ -307,14 +308,21 @@ def unmount_image(target: str | os.PathLike) -> None:
 
 def mount_meta(tree: Tree, dest: str | os.PathLike, scratch: str | os.PathLike
                ) -> MetaImageStats:
-    """The meta tree of `tree` mounted at the new directory `dest` as an EROFS image,
-    written first under `scratch` (a disk filesystem: the kernel mounts EROFS from files
-    whose filesystem can read pages into the page cache, not from tmpfs) and unlinked once
-    mounted (the mount keeps it open; its space goes with the mount). Raises
-    UnsupportedError or OSError, leaving nothing behind, for the caller to write the
-    directory instead."""
+    """The meta tree of `tree` mounted at the new directory `dest` as an EROFS image (see
+    mount_image_bytes). Raises UnsupportedError or OSError, leaving nothing behind, for
+    the caller to write the directory instead."""
     data, st = build_image(tree)
     t0 = time.monotonic()
+    mount_image_bytes(data, dest, scratch)
+    return dataclasses.replace(st, seconds=round(st.seconds + time.monotonic() - t0, 3))
+
+
+def mount_image_bytes(data: bytes, dest: str | os.PathLike, scratch: str | os.PathLike
+                      ) -> None:
+    """Mount the EROFS image `data` at the new directory `dest`: written first under
+    `scratch` (a disk filesystem: the kernel mounts EROFS from files whose filesystem can
+    read pages into the page cache, not from tmpfs) and unlinked once mounted (the mount
+    keeps it open; its space goes with the mount). Raises OSError, leaving nothing."""
     os.makedirs(scratch, exist_ok=True)
     image = os.path.join(scratch, f"meta-{os.getpid()}-{os.path.basename(dest)}.erofs")
     try:
@@ -330,4 +338,24 @@ def mount_meta(tree: Tree, dest: str | os.PathLike, scratch: str | os.PathLike
     finally:
         if os.path.exists(image):
             os.unlink(image)
-    return dataclasses.replace(st, seconds=round(st.seconds + time.monotonic() - t0, 3))
+
+
+def image_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def write_image_of_blob(estargz: str | os.PathLike, toc_digest: str | None,
+                        out: str | os.PathLike) -> tuple[str, int]:
+    """The meta image of an eStargz file written to `out`: (its digest, its size). What a
+    node that builds a layer publishes beside its eStargz, so that lazy mounts fetch the
+    image instead of building it (~35 ms of a 10,000-file layer's mount)."""
+    from .blobsource import FileBlobSource
+    from .reader import open_estargz
+    src = FileBlobSource(estargz)
+    try:
+        data, _ = build_image(open_estargz(src, toc_digest).tree)
+    finally:
+        src.close()
+    with open(out, "wb") as f:
+        f.write(data)
+    return image_digest(data), len(data)

@@ -95,6 +95,10 @@ class MountSpec:
     workset_only: bool = False           # ... and their chunks not in the chunk cache
     allow_other: bool = True
     log_path: str | None = None          # set by mount() for a spare server: its log
+    # the layer's meta tree as an EROFS image published beside the blob (same source kind
+    # and place, checked against this digest), fetched instead of built (metaimage.py)
+    meta_digest: str | None = None
+    meta_size: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -235,14 +239,16 @@ def mount_layer(mountpoint: str | os.PathLike, *, digest: str, dispatcher_url: s
                 record_path: str | None = None, status_path: str | None = None,
                 prefetch: bool = True, log_path: str | None = None,
                 view_dir: str | None = None, workset: bool = True, workset_only: bool = False,
-                server: subprocess.Popen | None = None) -> MountHandle:
+                server: subprocess.Popen | None = None, meta_digest: str | None = None,
+                meta_size: int | None = None) -> MountHandle:
     """Mount the eStargz layer blob `digest` from the dispatcher's blob store, lazily
     (by the spare `server` when one is given, see spawn_server)."""
     spec = MountSpec(source=SourceSpec("dispatcher", dispatcher_url, digest=digest, token=token,
                                        size=size),
                      mountpoint=str(mountpoint), toc_digest=toc_digest, cache_dir=cache_dir,
                      record_path=record_path, status_path=status_path, prefetch=prefetch,
-                     view_dir=view_dir, workset=workset, workset_only=workset_only)
+                     view_dir=view_dir, workset=workset, workset_only=workset_only,
+                     meta_digest=meta_digest, meta_size=meta_size)
     return mount(spec, log_path=log_path, server=server)
 
 

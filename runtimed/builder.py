@@ -245,11 +245,18 @@ class Builder:
         os.unlink(tmp_archive)
         lazy_info = {}
         if lazy is not None:
+            tmp_meta = self.work / f"{step.key[:16]}.meta.tmp"
+            meta = await loop.run_in_executor(None, _write_meta_image, tmp_estargz,
+                                              lazy.toc_digest, tmp_meta)
             await self.blobs.put_file(tmp_estargz, lazy.digest.split(":")[-1])
             lazy_info = {"estargz_digest": lazy.digest, "toc_digest": lazy.toc_digest,
                          "estargz_size": lazy.size, "diff_id": lazy.diff_id,
                          "uncompressed_size": lazy.uncompressed_size,
                          "prefetch_files": len(lazy.prioritized)}
+            if meta is not None:
+                await self.blobs.put_file(tmp_meta, meta[0].split(":")[-1])
+                lazy_info.update(meta_digest=meta[0], meta_size=meta[1])
+            tmp_meta.unlink(missing_ok=True)
             self._built_info[step.key] = lazy_info
         tmp_estargz.unlink(missing_ok=True)
         (self.work / "refs").mkdir(parents=True, exist_ok=True)
@@ -258,6 +265,19 @@ class Builder:
         shutil.rmtree(c.dir, ignore_errors=True)
         emit({"type": "layer", "key": step.key, "digest": packed.digest, "size": packed.size,
               "raw_size": packed.raw_size, **lazy_info})
+
+
+def _write_meta_image(estargz: Path, toc_digest: str, out: Path) -> tuple[str, int] | None:
+    """The layer's meta tree as an EROFS image (lazyfs.metaimage), published beside its
+    eStargz so lazy mounts fetch it instead of building it; None (logged) if it cannot be
+    one (the mounts then build or write the tree themselves)."""
+    try:
+        from lazyfs.metaimage import write_image_of_blob
+        return write_image_of_blob(estargz, toc_digest, out)
+    except Exception as e:  # noqa: BLE001 - an optimization
+        import logging
+        logging.getLogger(__name__).warning("no meta image for %s: %s", estargz, e)
+        return None
 
 
 def _write_estargz(upper: Path, out: Path, prioritized: list[str] | None = None):

@@ -38,8 +38,10 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from collections import OrderedDict, deque
+from pathlib import Path
 
 from sdk.exception import Error, InvalidError, NodeUnavailableError, NotFoundError, OverloadedError
 
@@ -267,6 +269,24 @@ class Dispatcher:
                 for k, i in infos.items() if i.get("estargz_digest")}
         return {"archives": {k: i["digest"] for k, i in infos.items()}, "lazy_layers": lazy}
 
+    async def _meta_image(self, estargz: Path, toc_digest: str) -> dict:
+        """{meta_digest, meta_size} of the meta image of the eStargz file, stored as a
+        blob; {} (logged) when it cannot be made: lazy mounts then build their own."""
+        from lazyfs.metaimage import write_image_of_blob
+        fd, tmp = tempfile.mkstemp(dir=self.blobs.root / "tmp")
+        os.close(fd)
+        try:
+            digest, size = await asyncio.get_running_loop().run_in_executor(
+                None, write_image_of_blob, estargz, toc_digest, tmp)
+            self.blobs.adopt_file(Path(tmp), digest.split(":")[-1])
+            return {"meta_digest": digest, "meta_size": size}
+        except Exception as e:  # noqa: BLE001 - an optimization
+            log.warning("no meta image for %s: %s", estargz, e)
+            return {}
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
     async def replace_estargz(self, key: str, body: dict) -> dict:
         """A node rewrote layer `key`'s eStargz with the files a lazy start opened first
         (the prefetch area): serve that blob for the layer from now on. Refused unless the
@@ -286,10 +306,13 @@ class Dispatcher:
             raise InvalidError(f"eStargz blob {new[:19]} was not uploaded")
         prefetch_files = await asyncio.get_running_loop().run_in_executor(
             None, _same_layer_files, old_path, new_path, require(body, "toc_digest"))
-        extra = {k: v for k, v in info.items() if k not in ("digest", "size", "raw_size")}
+        extra = {k: v for k, v in info.items() if k not in ("digest", "size", "raw_size",
+                                                            "meta_digest", "meta_size")}
         extra.update(estargz_digest=new, toc_digest=body["toc_digest"],
                      estargz_size=new_path.stat().st_size, prefetch_files=prefetch_files,
                      estargz_replaced=info["estargz_digest"])
+        # the layer's meta image (lazyfs.metaimage), made here from the checked blob
+        extra.update(await self._meta_image(new_path, body["toc_digest"]))
         for k in ("diff_id", "uncompressed_size"):
             if k in body:
                 extra[k] = body[k]

@@ -268,7 +268,8 @@ class LazyLayers:
                     # working-set chunks are not stored twice (~0.8 s of a 2-core node):
                     # a start that reads such a file through FUSE before it is written
                     # waits for the file and reads it from the data dir
-                    workset_only=True, server=server))
+                    workset_only=True, server=server, meta_digest=info.get("meta_digest"),
+                    meta_size=info.get("meta_size")))
             except Exception as e:  # noqa: BLE001 - fall back to a full pull
                 log.warning("lazy mount of layer %s failed, pulling it fully: %s", key[:16], e)
                 if server is not None:

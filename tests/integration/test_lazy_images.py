@@ -167,9 +167,14 @@ def test_recorded_prefetch_is_published_and_prefetched_by_later_mounts(runtime):
         assert entry.get("view") and (entry.get("meta") or {}).get("state") == "done", entry
         vd = runtime.node_dir / "lz" / "ws" / key[:16]
         assert (vd / "data/data/small.txt").read_text() == f"small-{RUN}\n"
-        # a metacopy stub (metadata only): in the meta tree's EROFS image, mounted by the
-        # mount server, a chunk-based inode whose one chunk is a hole
-        assert entry["meta"]["kind"] == "erofs image" and os.path.ismount(vd / "meta")
+        # a metacopy stub (metadata only): in the meta tree's EROFS image, made by the
+        # dispatcher for the republished blob, fetched and mounted by the mount server
+        # (a chunk-based inode whose one chunk is a hole)
+        info = runtime.client.json("GET", "/v1/images")
+        layer = next(r for r in info["layers"] if r["key"] == key)
+        assert entry["meta"]["kind"] == "published erofs image", entry["meta"]
+        assert layer.get("meta_digest", "").startswith("sha256:"), layer
+        assert os.path.ismount(vd / "meta")
         stub = vd / "meta/data/big.bin"
         assert os.stat(stub).st_size == 20_000_000
         assert os.getxattr(stub, "trusted.overlay.redirect") == b"/data/big.bin"

@@ -92,3 +92,34 @@ def test_an_image_that_cannot_be_mounted_leaves_nothing(tmp_path: Path):
         assert not (tmp_path / "meta").exists() and not list(shm.iterdir())
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_a_published_image_that_does_not_match_its_digest_is_built_instead(tmp_path: Path):
+    """The mount server fetches a layer's published meta image and checks its digest; one
+    that does not match (here: the eStargz itself, as a file source has one location) is
+    not mounted: the server builds the image from the TOC, and says so in its log."""
+    import json
+    import time
+
+    from lazyfs import MountSpec, SourceSpec, mount
+    layer = make_layer(tmp_path / "layer")
+    blob = write_layer(layer, tmp_path / "layer.esgz", prioritized=["etc/hello.txt"])
+    mp, vd, status = tmp_path / "mnt", tmp_path / "vd", tmp_path / "status.json"
+    mp.mkdir()
+    vd.mkdir()
+    h = mount(MountSpec(source=SourceSpec("file", str(blob.path)), mountpoint=str(mp),
+                        toc_digest=blob.toc_digest, cache_dir=str(tmp_path / "cache"),
+                        status_path=str(status), view_dir=str(vd),
+                        meta_digest="sha256:" + "0" * 64),
+              log_path=str(tmp_path / "mount.log"))
+    try:
+        deadline = time.monotonic() + 10
+        while not (status.exists() and json.loads(status.read_text()).get("meta")):
+            assert time.monotonic() < deadline, h.log_tail()
+            time.sleep(0.05)
+        assert json.loads(status.read_text())["meta"]["kind"] == "erofs image"
+        assert "no published meta image" in h.log_tail()
+        assert (vd / "meta/etc/hello.txt").exists() and os.path.ismount(vd / "meta")
+    finally:
+        h.unmount()
+    assert not os.path.ismount(vd / "meta")          # the server detached it on its way out
