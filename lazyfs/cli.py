@@ -31,6 +31,7 @@ TOKEN_ENV = "LAZYFS_TOKEN"
 # the working set decoded by a helper process while the server builds its tree (early.py);
 # LAZYFS_EARLY_PREFETCH=0: by the server itself, after the meta tree
 EARLY = os.environ.get("LAZYFS_EARLY_PREFETCH", "1") != "0"
+MAX_META_IMAGE = 256 << 20          # ~250 bytes per entry: a million-file layer fits
 
 
 def _source_args(p: argparse.ArgumentParser, file_positional: bool) -> None:
@@ -139,9 +140,12 @@ def _fetch_meta_image(spec):
     def fetch() -> bytes | None:
         try:
             src = open_source(dataclasses.replace(spec.source, digest=spec.meta_digest,
-                                         size=spec.meta_size))
+                                                  size=spec.meta_size))
             try:
-                data = src.read(0, src.size())
+                size = src.size()
+                if size > MAX_META_IMAGE:
+                    raise ValueError(f"meta image of {size} bytes (at most {MAX_META_IMAGE})")
+                data = src.read(0, size)
             finally:
                 src.close()
             if image_digest(data) != spec.meta_digest:

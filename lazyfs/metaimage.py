@@ -135,7 +135,16 @@ def _inode(layout: int, xattrs: bytes, mode: int, size: int, u: int, ino: int, u
 
 
 def build_image(tree: Tree) -> tuple[bytes, MetaImageStats]:
-    """The EROFS image of `tree`'s meta tree (see the module doc). Pure."""
+    """The EROFS image of `tree`'s meta tree (see the module doc). Pure. Raises
+    UnsupportedError for what the format cannot hold (an owner beyond 32 bits, an mtime
+    before 1970, a file beyond 8 TiB, an xattr without an EROFS prefix)."""
+    try:
+        return _build_image(tree)
+    except struct.error as e:
+        raise UnsupportedError(f"a value the EROFS inode cannot hold: {e}") from None
+
+
+def _build_image(tree: Tree) -> tuple[bytes, MetaImageStats]:
     t0 = time.monotonic()
     nodes, paths = tree.nodes, tree.paths
     stubs = whiteouts = 0
@@ -164,6 +173,8 @@ def build_image(tree: Tree) -> tuple[bytes, MetaImageStats]:
             xb = stub_head + pack_entry(len(redirect_name), 4, len(r)) + redirect_name + r
             xb += b"\0" * (-len(xb) % 4)
             bits = (size - 1).bit_length() - blk_bits
+            if bits > 31:
+                raise UnsupportedError(f"{node.name!r}: {size} bytes is beyond one chunk")
             secs, nsec = divmod(node.mtime_ns, 1_000_000_000)
             rec = ipack(stub_format, (len(xb) - 12) // 4 + 1, mode, 0, size,
                         bits if bits > 0 else 0, ino & 0xFFFFFFFF, node.uid, node.gid, secs,

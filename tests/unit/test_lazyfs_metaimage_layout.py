@@ -50,3 +50,12 @@ def test_layout_root_first_and_every_inode_in_one_block():
         pos += 64 + (size if layout == 2 else 0)
         pos += -pos % 32
     assert seen == 62
+
+
+@pytest.mark.parametrize("entry", [
+    TOCEntry(name="f", type="reg", size=0, mode=0o644, uid=1 << 33),       # owner > 32 bits
+    TOCEntry(name="f", type="reg", size=0, mode=0o644, modtime="1960-01-01T00:00:00Z"),
+])
+def test_values_an_inode_cannot_hold_are_refused(entry):
+    with pytest.raises(UnsupportedError):
+        build_image(_tree(entry))
