@@ -212,7 +212,9 @@ def cmd_images(a) -> int:
         for li in st.get("layers", []):
             if li["state"] == "lazy" and li.get("view"):
                 ws = (li.get("workset") or {}).get("state")
-                li["state"] += " (view" + (f", working set {ws}" if ws else "") + ")"
+                meta = (li.get("meta") or {}).get("kind")      # erofs image, published or not
+                li["state"] += " (view" + (f", meta: {meta}" if meta else "") + (
+                    f", working set {ws}" if ws else "") + ")"
             if li.get("published_prefetch_files"):
                 li["state"] += f" (published {li['published_prefetch_files']} prefetch files)"
             fetched = li.get("bytes_fetched")
