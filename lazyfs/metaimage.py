@@ -335,6 +335,7 @@ def mount_image_bytes(data: bytes, dest: str | os.PathLike, scratch: str | os.Pa
     read pages into the page cache, not from tmpfs) and unlinked once mounted (the mount
     keeps it open; its space goes with the mount). Raises OSError, leaving nothing."""
     os.makedirs(scratch, exist_ok=True)
+    _remove_stale(scratch)
     image = os.path.join(scratch, f"meta-{os.getpid()}-{os.path.basename(dest)}.erofs")
     try:
         with open(os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
@@ -349,6 +350,17 @@ def mount_image_bytes(data: bytes, dest: str | os.PathLike, scratch: str | os.Pa
     finally:
         if os.path.exists(image):
             os.unlink(image)
+
+
+def _remove_stale(scratch: str | os.PathLike) -> None:
+    """Images a server that died between writing and mounting them left behind."""
+    for name in os.listdir(scratch):
+        pid = name.split("-")[1] if name.startswith("meta-") and name.count("-") >= 2 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.unlink(os.path.join(scratch, name))
+            except OSError:
+                pass
 
 
 def image_digest(data: bytes) -> str:

@@ -65,6 +65,9 @@ def test_the_image_is_the_meta_tree(tmp_path: Path):
 
     files, mounted = tmp_path / "files", tmp_path / "mounted"
     write_metatree(tree, files)
+    (tmp_path / "scratch").mkdir()
+    stale = tmp_path / "scratch" / "meta-4194303-meta.erofs"   # its server died before mounting
+    stale.write_bytes(b"x")
     mount_meta(tree, mounted, tmp_path / "scratch")
     try:
         assert not list((tmp_path / "scratch").iterdir())      # unlinked once mounted
