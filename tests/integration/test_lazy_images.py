@@ -140,6 +140,10 @@ def test_recorded_prefetch_is_published_and_prefetched_by_later_mounts(runtime):
                 time.sleep(0.5)
         after = _layer_info(key)
         assert after["digest"] == before["digest"]              # same layer, same archive
+        # the meta image: published by the building node, made anew by the dispatcher for
+        # the republished blob (the same files: the same image)
+        assert before.get("meta_digest", "").startswith("sha256:"), before
+        assert after.get("meta_digest") == before["meta_digest"], (before, after)
         assert after["estargz_digest"] != before["estargz_digest"] or before.get(
             "prefetch_files")
         import lazyfs
