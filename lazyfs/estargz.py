@@ -30,6 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
+from msgspec.structs import replace
+
 from .errors import FormatError, UnsafeEntryError
 from .toc import (
     LANDMARK_CONTENT,
@@ -40,7 +42,6 @@ from .toc import (
     TOC_NAME,
     TOCEntry,
     clean_name,
-    replace_entry,
 )
 
 __all__ = [
@@ -383,7 +384,7 @@ def _with_member_digests(entries: list[TOCEntry], digests: dict[int, str]) -> li
     MEMBER_DIGEST_MIN bytes (readers then hash the member, not the ~3x larger inflated
     bytes; small chunks are not worth the TOC bytes)."""
     sized = {id(e): n for e, n in _payload(entries)}
-    return [replace_entry(e, member_digest=digests[e.offset])
+    return [replace(e, member_digest=digests[e.offset])
             if sized.get(id(e), 0) >= MEMBER_DIGEST_MIN and e.offset in digests else e
             for e in entries]
 
@@ -438,7 +439,7 @@ def _write_entry(gz: _GzipMembers, e: _Src, chunk_size: int,
     elif kind == "reg":
         ti.size = st.st_size
     gz.write(ti.tobuf(tarfile.PAX_FORMAT))
-    entry = replace_entry(meta, name=e.name + "/" if kind == "dir" else e.name, type=kind,
+    entry = replace(meta, name=e.name + "/" if kind == "dir" else e.name, type=kind,
                     link_name=ti.linkname, xattrs=dict(e.xattrs))
     if kind != "reg" or ti.size == 0:
         toc.append(entry)
@@ -461,7 +462,7 @@ def _write_entry(gz: _GzipMembers, e: _Src, chunk_size: int,
             written += n
     gz.write(b"\0" * (-ti.size % _BLOCK))
     first = chunks[0]
-    toc.append(replace_entry(entry, size=ti.size, digest="sha256:" + file_hash.hexdigest(),
+    toc.append(replace(entry, size=ti.size, digest="sha256:" + file_hash.hexdigest(),
                        offset=first.offset, chunk_size=first.chunk_size,
                        chunk_digest=first.chunk_digest))
     toc.extend(chunks[1:])

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 
 from .metatree import (
     METACOPY_XATTR,
-    OPAQUE_XATTR,
     REDIRECT_XATTR,
-    XOPAQUE_XATTR,
     XWHITEOUT_XATTR,
     canonical_name,
+    dir_markers,
     escaped,
     is_whiteout,
+    stub_xattrs,
 )
 from .tree import ROOT_INO, Tree
 
@@ -185,9 +185,7 @@ def _build_image(tree: Tree) -> tuple[bytes, MetaImageStats]:
             if fmt == stat.S_IFDIR:
                 rec = _dir(tree, ino, node, extra)
             elif fmt == stat.S_IFREG and size:
-                extra += [_xattr_entry(METACOPY_XATTR, b""), _xattr_entry(
-                    REDIRECT_XATTR, ("/" + canonical_name(node)).encode("utf-8",
-                                                                        "surrogateescape"))]
+                extra += [_xattr_entry(k, v) for k, v in stub_xattrs(node).items()]
                 bits = max(0, (size - 1).bit_length() - blk_bits)
                 if bits > 31:
                     raise UnsupportedError(f"{node.name!r}: {size} bytes is beyond one chunk")
@@ -265,10 +263,9 @@ def _xattr_body(name: str, entries: list[bytes]) -> bytes:
 
 def _dir(tree: Tree, ino: int, node, extra: list[bytes]) -> _Later:
     nodes = tree.nodes
-    if any(nodes[c].mode & 0o170000 == stat.S_IFCHR and not nodes[c].rdev
-           for _, c in node.children) and \
-            dict(node.xattrs).get(OPAQUE_XATTR) != b"y":
-        extra.append(_xattr_entry(XOPAQUE_XATTR, b"x"))    # "holds whiteouts", not opaque
+    holds = any(nodes[c].mode & 0o170000 == stat.S_IFCHR and not nodes[c].rdev
+                for _, c in node.children)
+    extra += [_xattr_entry(k, v) for k, v in dir_markers(node, holds).items()]
     parent = tree.paths[node.name.rpartition("/")[0]] if node.name else ino
     kids = {n.encode("utf-8", "surrogateescape"): c for n, c in node.children}
     kids[b"."], kids[b".."] = ino, parent

@@ -43,7 +43,8 @@ from .reader import apply_attrs
 from .toc import clean_name
 from .tree import OPAQUE_XATTR, Node, Tree
 
-__all__ = ["MetaTreeStats", "canonical_name", "is_whiteout", "view_options", "write_metatree"]
+__all__ = ["MetaTreeStats", "canonical_name", "dir_markers", "is_whiteout", "stub_xattrs",
+           "view_options", "write_metatree"]
 
 OVERLAY_PREFIX = "trusted.overlay."
 ESCAPED_PREFIX = "trusted.overlay.overlay."
@@ -74,6 +75,19 @@ def is_whiteout(node: Node) -> bool:
 def escaped(key: str) -> str:
     """A layer xattr as the meta tree stores it: overlay markers escaped for the outer overlay."""
     return ESCAPED_PREFIX + key[len(OVERLAY_PREFIX):] if key.startswith(OVERLAY_PREFIX) else key
+
+
+def stub_xattrs(node: Node) -> dict[str, bytes]:
+    """The overlay markers of a regular file's metacopy stub."""
+    return {METACOPY_XATTR: b"", REDIRECT_XATTR: os.fsencode("/" + canonical_name(node))}
+
+
+def dir_markers(node: Node, holds_whiteouts: bool) -> dict[str, bytes]:
+    """The escaped marker of a directory holding whiteouts ("x": not opaque, look for
+    them), unless the layer made it opaque already."""
+    if holds_whiteouts and dict(node.xattrs).get(OPAQUE_XATTR) != b"y":
+        return {XOPAQUE_XATTR: b"x"}
+    return {}
 
 
 def view_options(meta: str | os.PathLike, data: list[str | os.PathLike]) -> str:
@@ -165,8 +179,7 @@ def write_metatree(tree: Tree, dest: str | os.PathLike) -> MetaTreeStats:
                         whiteouts += 1
                     elif node.size:
                         os.ftruncate(fd, node.size)
-                        extra = {METACOPY_XATTR: b"",
-                                 REDIRECT_XATTR: os.fsencode("/" + canonical_name(node))}
+                        extra = stub_xattrs(node)
                         stubs += 1
                     apply(fd, node, extra, created)
                 finally:
@@ -181,10 +194,8 @@ def write_metatree(tree: Tree, dest: str | os.PathLike) -> MetaTreeStats:
                 raise UnsafeEntryError(name, f"unsupported file type {stat.filemode(mode)}")
         # directories last and deepest first: creating their entries changed their mtimes
         for name, node in reversed(dirs):
-            extra = {}
-            if name in with_whiteouts and dict(node.xattrs).get(OPAQUE_XATTR) != b"y":
-                extra[XOPAQUE_XATTR] = b"x"      # "holds whiteouts", not opaque
-            apply(os.path.join(root, name) if name else root, node, extra)
+            apply(os.path.join(root, name) if name else root, node,
+                  dir_markers(node, name in with_whiteouts))
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -269,19 +269,20 @@ class Dispatcher:
                 for k, i in infos.items() if i.get("estargz_digest")}
         return {"archives": {k: i["digest"] for k, i in infos.items()}, "lazy_layers": lazy}
 
-    async def _meta_image(self, estargz: Path, toc_digest: str) -> dict:
-        """{meta_digest, meta_size} of the meta image of the eStargz file, stored as a
-        blob; {} (logged) when it cannot be made: lazy mounts then build their own."""
-        from lazyfs.metaimage import write_image_of_blob
+    async def _meta_image(self, tree) -> dict:
+        """{meta_digest, meta_size} of the meta image of a layer's checked tree, stored as
+        a blob; {} (logged) when it cannot be made: lazy mounts then build their own."""
+        from lazyfs.metaimage import build_image, image_digest
         fd, tmp = tempfile.mkstemp(dir=self.blobs.root / "tmp")
         os.close(fd)
         try:
-            digest, size = await asyncio.get_running_loop().run_in_executor(
-                None, write_image_of_blob, estargz, toc_digest, tmp)
+            data, _ = await asyncio.get_running_loop().run_in_executor(None, build_image, tree)
+            Path(tmp).write_bytes(data)
+            digest = image_digest(data)
             self.blobs.adopt_file(Path(tmp), digest.split(":")[-1])
-            return {"meta_digest": digest, "meta_size": size}
+            return {"meta_digest": digest, "meta_size": len(data)}
         except Exception as e:  # noqa: BLE001 - an optimization
-            log.warning("no meta image for %s: %s", estargz, e)
+            log.warning("no meta image for the republished layer: %s", e)
             return {}
         finally:
             if os.path.exists(tmp):
@@ -304,15 +305,16 @@ class Dispatcher:
         new_path = self.blobs.path(new.split(":")[-1])
         if not new_path.exists():
             raise InvalidError(f"eStargz blob {new[:19]} was not uploaded")
-        prefetch_files = await asyncio.get_running_loop().run_in_executor(
-            None, _same_layer_files, old_path, new_path, require(body, "toc_digest"))
+        tree = await asyncio.get_running_loop().run_in_executor(
+            None, _republished_tree, old_path, new_path, require(body, "toc_digest"))
+        prefetch_files = len(tree.prioritized)
         extra = {k: v for k, v in info.items() if k not in ("digest", "size", "raw_size",
                                                             "meta_digest", "meta_size")}
         extra.update(estargz_digest=new, toc_digest=body["toc_digest"],
                      estargz_size=new_path.stat().st_size, prefetch_files=prefetch_files,
                      estargz_replaced=info["estargz_digest"])
         # the layer's meta image (lazyfs.metaimage), made here from the checked blob
-        extra.update(await self._meta_image(new_path, body["toc_digest"]))
+        extra.update(await self._meta_image(tree))
         for k in ("diff_id", "uncompressed_size"):
             if k in body:
                 extra[k] = body[k]
@@ -687,6 +689,11 @@ def make_app(d: Dispatcher):
 def _same_layer_files(old: os.PathLike, new: os.PathLike, toc_digest: str) -> int:
     """Check that eStargz `new` (TOC digest `toc_digest`) holds the same entries with the
     same content as `old`; returns how many files its prefetch area has."""
+    return len(_republished_tree(old, new, toc_digest).prioritized)
+
+
+def _republished_tree(old: os.PathLike, new: os.PathLike, toc_digest: str):
+    """_same_layer_files' check; returns the new blob's tree."""
     import lazyfs
 
     def entries(blob) -> set:
@@ -715,7 +722,7 @@ def _same_layer_files(old: os.PathLike, new: os.PathLike, toc_digest: str) -> in
     finally:
         for src in srcs:
             src.close()
-    return len(b.tree.prioritized)
+    return b.tree
 
 
 def _check_members(blob) -> None:
